@@ -1,0 +1,67 @@
+"""The model registry: every architecture by name, with the input preprocessing it declares.
+
+    model = jaxcell.models.create("lightnetcell", num_classes=4, image_size=224)
+    logits = model.apply(variables, images, train=False)   # float32 NHWC, preprocessed
+
+The trainer, evaluate, predict and the parity suite look models up here and nowhere else;
+torch_ref has the twin registry with the same names and constructor arguments.
+"""
+
+import dataclasses
+import inspect
+from typing import Callable
+
+import flax.linen as nn
+
+from jaxcell.errors import UserError
+from jaxcell.models.lightnetcell import LightNetCell
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[..., nn.Module]
+    # Input normalization, applied to images scaled to [0, 1]: (x - mean) / std.
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @property
+    def preprocessing(self) -> dict:
+        return {"scale": 1 / 255, "mean": list(self.mean), "std": list(self.std)}
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> None:
+    REGISTRY[spec.name] = spec
+
+
+register(ModelSpec("lightnetcell", LightNetCell))
+
+
+def names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def spec(name: str) -> ModelSpec:
+    if name not in REGISTRY:
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(names())}")
+    return REGISTRY[name]
+
+
+def check_kwargs(name: str, build: Callable, kwargs: dict) -> None:
+    """Refuse constructor arguments a model does not take, naming them (shared with torch_ref)."""
+    fields = getattr(build, "__dataclass_fields__", None)
+    accepted = set(fields) if fields else set(inspect.signature(build).parameters)
+    unknown = sorted(set(kwargs) - accepted - {"parent", "name"})
+    if unknown:
+        raise UserError(f"model {name!r} takes no argument {', '.join(unknown)}; "
+                        f"it takes {', '.join(sorted(accepted - {'parent', 'name'}))}")
+
+
+def create(name: str, num_classes: int = 4, image_size: int = 224, **kwargs) -> nn.Module:
+    s = spec(name)
+    kwargs = dict(num_classes=num_classes, image_size=image_size, **kwargs)
+    check_kwargs(name, s.build, kwargs)
+    return s.build(**kwargs)
