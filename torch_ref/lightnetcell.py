@@ -9,7 +9,7 @@ import torch.nn as nn
 class ConvBlock(nn.Module):
     def __init__(self, in_channels: int, features: int):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, features, 3, padding=1)
+        self.conv = nn.Conv2d(in_channels, features, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(features, eps=1e-5, momentum=0.1)
         self.pool = nn.MaxPool2d(2)
 

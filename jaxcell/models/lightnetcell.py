@@ -17,7 +17,7 @@ class ConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = conv(self.features, 3, name="conv")(x)
+        x = conv(self.features, 3, bias=False, name="conv")(x)  # BN cancels a bias: its gradient is only rounding noise
         x = nn.relu(BatchNorm(name="bn")(x, train))
         return max_pool(x, 2)
 
