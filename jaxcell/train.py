@@ -1,0 +1,461 @@
+"""Training: a pure, jitted train step and eval step, and the loop around them.
+
+    state, metrics = train_step(state, batch, rng)      # pure; jitted once
+    logits = eval_step(state, images)
+
+The batch is sharded over a Mesh of all devices on its "data" axis and the state is replicated,
+so BatchNorm sees the global batch (synchronized statistics) and 1 or N devices compute the same
+numbers for the same global batch. Data order and every random number derive from (seed, step):
+a resumed run continues exactly where the interrupted one stopped.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxcell import models
+from jaxcell.checkpoint import Checkpoints
+from jaxcell.data import Dataset
+from jaxcell.data.augment import augment as augment_images
+from jaxcell.errors import UserError
+from jaxcell.preprocessing import normalize
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = "lightnetcell"
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    image_size: int = 224
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    data: str | None = None            # a class-folder tree; None: synthetic smears
+    synthetic_examples: int = 1200
+    checkpoint_every: int = 0          # steps; 0: at the end of each epoch only
+    augment: bool = True               # flips and rotations, stain and colour jitter
+    stain_jitter: float = 0.05         # HED jitter strength
+    color_jitter: float = 0.1
+    precision: str = "fp32"            # "bf16": bfloat16 compute, float32 parameters, optimizer and statistics
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure parts.
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    return optax.adam(config.lr)
+
+
+def init_state(model, tx, image_size: int, rng: jax.Array) -> TrainState:
+    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats", {}))
+
+
+def init_key(seed: int) -> jax.Array:
+    """The key for parameter initialization. XLA compiles threefry's many per-parameter draws
+    slowly on CPU (30 s for BRIN's init against 12 s with RBG), and init runs once, replicated,
+    so the faster generator costs nothing; dropout and augmentation keep threefry, whose bits do
+    not depend on how the batch is sharded."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def abstract_state(model, tx, image_size: int, sharding) -> TrainState:
+    """The TrainState's shapes and dtypes with `sharding`, without computing anything (a restore target)."""
+    shapes = jax.eval_shape(lambda: init_state(model, tx, image_size, init_key(0)))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
+
+
+def prepare(images: jax.Array, preprocessing: dict) -> jax.Array:
+    """uint8 NHWC -> the model's float input, as the model declares it."""
+    return normalize(images, preprocessing["mean"], preprocessing["std"])
+
+
+def standardize(x: jax.Array, preprocessing: dict) -> jax.Array:
+    """Float images in [0, 1] -> the model's input (the second half of `prepare`)."""
+    return (x - jnp.asarray(preprocessing["mean"], jnp.float32)) / jnp.asarray(preprocessing["std"], jnp.float32)
+
+
+COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def cast_floats(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def make_train_step(preprocessing: dict, augment: dict | None = None, precision: str = "fp32") -> Callable:
+    """augment: keyword arguments of jaxcell.data.augment.augment, or None for no augmentation.
+
+    precision "bf16": parameters and inputs are cast to bfloat16 for the forward and backward
+    pass only, so the float32 master parameters and Adam state take float32 updates; the flax
+    layers then compute in bfloat16, BatchNorm keeps float32 statistics, the loss is float32.
+    """
+    compute = COMPUTE_DTYPES[precision]
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        aug_rng, dropout_rng = jax.random.split(rng)
+        if augment is None:
+            x = prepare(batch["image"], preprocessing)
+        else:
+            x = standardize(augment_images(batch["image"].astype(jnp.float32) / 255.0, aug_rng, **augment),
+                            preprocessing)
+
+        def loss_fn(params):
+            logits, updates = state.apply_fn({"params": cast_floats(params, compute), "batch_stats": state.batch_stats},
+                                             x.astype(compute), train=True, rngs={"dropout": dropout_rng},
+                                             mutable=["batch_stats"])
+            logits = logits.astype(jnp.float32)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+            return loss, (logits, updates)
+
+        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+        accuracy = (logits.argmax(-1) == batch["label"]).mean()
+        return state, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+
+    return train_step
+
+
+def make_eval_step(preprocessing: dict) -> Callable:
+    def eval_step(state: TrainState, images: jax.Array) -> jax.Array:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        return state.apply_fn(variables, prepare(images, preprocessing), train=False)
+
+    return eval_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices.
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """A 1-D mesh over the devices of every process: batches split on "data", the rest replicated.
+
+    Devices are ordered by process, so each process's devices hold one contiguous block of
+    every global batch, and a process only transfers its own block.
+    """
+
+    mesh: Mesh
+
+    @classmethod
+    def over(cls, devices: Sequence[jax.Device] | None = None) -> "Placement":
+        devices = list(devices) if devices is not None else jax.devices()
+        devices.sort(key=lambda d: (d.process_index, d.id))
+        return cls(Mesh(np.array(devices), ("data",)))
+
+    @property
+    def size(self) -> int:
+        return self.mesh.size
+
+    @property
+    def batch(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P("data"))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def put_batch(self, tree):
+        """Place a global batch (host arrays, the same on every process) split over "data"."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.batch)
+        share = jax.process_index(), jax.process_count()
+        return jax.tree.map(lambda a: jax.make_array_from_process_local_data(
+            self.batch, np.array_split(a, share[1])[share[0]], a.shape), tree)
+
+
+def local(x: jax.Array) -> np.ndarray:
+    """The value of a replicated array, read from this process's first copy (works across hosts)."""
+    return np.asarray(x.addressable_data(0))
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def augmentation(config: TrainConfig) -> dict | None:
+    return {"stain": config.stain_jitter, "color": config.color_jitter} if config.augment else None
+
+
+def compile_steps(placement: Placement, preprocessing: dict, augment: dict | None = None, precision: str = "fp32"):
+    rep, bat = placement.replicated, placement.batch
+    train_step = jax.jit(make_train_step(preprocessing, augment, precision), in_shardings=(rep, bat, rep),
+                         out_shardings=(rep, rep), donate_argnums=0)
+    # Logits come back replicated, so every process can read all of them (they are small).
+    eval_step = jax.jit(make_eval_step(preprocessing), in_shardings=(rep, bat), out_shardings=rep)
+    return train_step, eval_step
+
+
+def predict_logits(eval_step: Callable, state: TrainState, images: np.ndarray, batch_size: int,
+                   placement: Placement) -> np.ndarray:
+    """Logits for every image; the last batch is padded to a whole number of device shards."""
+    batch_size = max(placement.size, batch_size - batch_size % placement.size)
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        n = len(chunk)
+        if n % placement.size:
+            pad = placement.size - n % placement.size
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        out.append(local(eval_step(state, placement.put_batch(chunk)))[:n])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order: a function of (seed, epoch), so a resumed run sees the same batches.
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def step_rng(seed: int, step: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workdir: config.json (everything evaluate/predict need), metrics.jsonl, checkpoints/.
+
+def write_config(workdir: str, config: TrainConfig, dataset: Dataset) -> dict:
+    spec = models.spec(config.model)
+    record = {
+        "model": config.model,
+        "model_kwargs": {"num_classes": len(dataset.class_names), "image_size": config.image_size,
+                         **config.model_kwargs},
+        "class_names": list(dataset.class_names),
+        "preprocessing": {**spec.preprocessing, "image_size": config.image_size},
+        "data": {"source": dataset.source, "split_note": dataset.split_note,
+                 "sizes": {k: int(len(v[1])) for k, v in dataset.splits.items()}},
+        "train": config.to_dict(),
+    }
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+def read_config(workdir: str) -> dict:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{workdir} is not a jaxcell workdir (no {CONFIG_FILE}); train into it first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def prepare_workdir(workdir: str, config: TrainConfig, resume: bool, overwrite: bool) -> None:
+    exists = os.path.isfile(os.path.join(workdir, CONFIG_FILE))
+    if resume:
+        if not exists:
+            raise UserError(f"--resume: {workdir} holds no run to resume")
+        previous = read_config(workdir)
+        if previous["model"] != config.model:
+            raise UserError(f"--resume: {workdir} holds a run of model {previous['model']!r}, "
+                            f"not {config.model!r}")
+        return
+    if exists and not overwrite:
+        raise UserError(f"{workdir} already holds a run; pass --resume to continue it "
+                        f"or --overwrite to start again")
+    if exists and overwrite:
+        shutil.rmtree(workdir)
+    os.makedirs(workdir, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    history: list[dict]
+    seconds: float
+    interrupted: bool = False   # stopped by SIGTERM/SIGINT after checkpointing; resume with --resume
+
+
+class Diverged(UserError):
+    """The loss or the gradients stopped being finite."""
+
+
+class _StopSignals:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, resume: bool = False,
+          overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+    placement = Placement.over(devices)
+    if config.batch_size % placement.size:
+        raise UserError(f"--batch-size {config.batch_size} is not a multiple of the {placement.size} devices")
+    train_images, train_labels = dataset.splits["train"]
+    steps_per_epoch = len(train_labels) // config.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"the training split has {len(train_labels)} images, fewer than one batch "
+                        f"of {config.batch_size}")
+    if is_main_process():  # one writer; Orbax coordinates the checkpoint writes of all processes itself
+        prepare_workdir(workdir, config, resume, overwrite)
+        if not resume:
+            write_config(workdir, config, dataset)
+    sync_processes("workdir ready")
+    record = read_config(workdir)
+
+    model = models.create(config.model, **record["model_kwargs"])
+    tx = make_optimizer(config)
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
+    if resume and checkpoints.latest_step() is not None:
+        state = checkpoints.restore(abstract_state(model, tx, config.image_size, placement.replicated), "last")
+        log(f"resumed from step {int(local(state.step))}")
+    else:
+        state = jax.jit(lambda r: init_state(model, tx, config.image_size, r),
+                        out_shardings=placement.replicated)(init_key(config.seed))
+    train_step, eval_step = compile_steps(placement, record["preprocessing"], augmentation(config), config.precision)
+
+    step = int(local(state.step))
+    history = [h for h in _read_history(workdir) if h["step"] <= step] if resume else []
+    if is_main_process():
+        _write_history(workdir, history)  # epochs logged after the restored checkpoint are redone
+    total_steps = steps_per_epoch * config.epochs
+    start = time.perf_counter()
+    bar = _progress(total_steps, step, progress and is_main_process())
+    try:
+        with _StopSignals() as signals:
+            while step < total_steps and signals.received is None:
+                epoch, position = divmod(step, steps_per_epoch)
+                order = epoch_order(config.seed, epoch, len(train_labels))
+                sums = np.zeros(2)
+                for i in range(position, steps_per_epoch):
+                    idx = np.sort(order[i * config.batch_size:(i + 1) * config.batch_size])
+                    batch = placement.put_batch({"image": train_images[idx], "label": train_labels[idx]})
+                    state, metrics = train_step(state, batch, step_rng(config.seed, step))
+                    loss, acc, grad_norm = (float(local(metrics[k])) for k in ("loss", "accuracy", "grad_norm"))
+                    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+                        raise Diverged(f"training diverged at step {step + 1} (epoch {epoch + 1}): loss {loss}, "
+                                       f"gradient norm {grad_norm}; the last good checkpoint is step "
+                                       f"{checkpoints.latest_step()} in {checkpoints.directory}; try a lower --lr")
+                    step += 1
+                    sums += (loss, acc)
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", acc=f"{acc:.3f}")
+                    if signals.received is not None:
+                        break
+                    if config.checkpoint_every and step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                        checkpoints.save(step, state)
+                if signals.received is not None and step % steps_per_epoch:
+                    checkpoints.save(step, state, force=True)
+                    break
+                seen = steps_per_epoch - position
+                entry = {"epoch": epoch + 1, "step": step, "train_loss": sums[0] / seen,
+                         "train_accuracy": sums[1] / seen,
+                         **_validate(eval_step, state, dataset, config.batch_size, placement),
+                         "seconds": round(time.perf_counter() - start, 2)}
+                history.append(entry)
+                checkpoints.save(step, state, metrics={k: v for k, v in entry.items() if k.startswith("val_")})
+                if is_main_process():
+                    _write_history(workdir, [entry], append=True)
+                    bar.write(_describe(entry, config.epochs))
+            interrupted = signals.received is not None and step < total_steps
+    finally:
+        bar.close()
+        checkpoints.close()
+    if interrupted and is_main_process():
+        log(f"stopped by signal {signals.received} at step {step} of {total_steps}; checkpoint written. "
+            f"Continue with the same command and --resume.")
+    return TrainResult(state, history, time.perf_counter() - start, interrupted)
+
+
+def _validate(eval_step, state, dataset: Dataset, batch_size: int, placement: Placement) -> dict:
+    images, labels = dataset.splits.get("val", (None, None))
+    if images is None or len(labels) == 0:
+        return {}
+    logits = predict_logits(eval_step, state, images, batch_size, placement)
+    logp = jax.nn.log_softmax(jnp.asarray(logits))
+    loss = float(-jnp.take_along_axis(logp, jnp.asarray(labels)[:, None], axis=1).mean())
+    return {"val_loss": loss, "val_accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def _describe(entry: dict, epochs: int) -> str:
+    parts = [f"epoch {entry['epoch']}/{epochs}", f"loss {entry['train_loss']:.4f}",
+             f"acc {entry['train_accuracy']:.4f}"]
+    if "val_accuracy" in entry:
+        parts += [f"val_loss {entry['val_loss']:.4f}", f"val_acc {entry['val_accuracy']:.4f}"]
+    return "  ".join(parts + [f"{entry['seconds']:.1f}s"])
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, leave=False)
+
+
+def _write_history(workdir: str, entries: list[dict], append: bool = False) -> None:
+    with open(os.path.join(workdir, METRICS_FILE), "a" if append else "w") as f:
+        f.writelines(json.dumps(entry) + "\n" for entry in entries)
+
+
+def _read_history(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def restore_for_inference(workdir: str, which: str = "best", devices=None):
+    """(state, config record, eval_step, placement) for a trained workdir."""
+    record = read_config(workdir)
+    model = models.create(record["model"], **record["model_kwargs"])
+    placement = Placement.over(devices)
+    config = TrainConfig(**record["train"])
+    tx = make_optimizer(config)
+    template = abstract_state(model, tx, config.image_size, placement.replicated)
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
+    try:
+        state = checkpoints.restore(template, which)
+    finally:
+        checkpoints.close()
+    _, eval_step = compile_steps(placement, record["preprocessing"])
+    return state, record, eval_step, placement

@@ -1,0 +1,20 @@
+"""Test set-up. Four virtual CPU devices, so sharding is tested on any machine; this must
+happen before jax is imported anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("JAXCELL_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "jaxcell-test-cache"))
+
+import pytest  # noqa: E402
+
+DEV_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "all4class-dev")
+
+
+@pytest.fixture(scope="session")
+def dev_data() -> str:
+    """The real development subset, when it is beside the checkout."""
+    path = os.path.abspath(os.environ.get("JAXCELL_DEV_DATA", DEV_DATA))
+    if not os.path.isdir(path):
+        pytest.skip(f"real data not found at {path} (set JAXCELL_DEV_DATA)")
+    return path

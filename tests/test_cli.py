@@ -1,0 +1,82 @@
+"""The `jaxcell` command end to end on tiny synthetic smears, and its answers to bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxcell.cli import main
+
+TINY = ["--model-arg", "widths=(8,16,16)", "--model-arg", "hidden=16"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cli") / "run")
+    code = main(["train", "--model", "lightnetcell", *TINY, "--image-size", "16", "--epochs", "2",
+                 "--batch-size", "8", "--synthetic-examples", "80", "--workdir", path, "--no-progress"])
+    assert code == 0
+    return path
+
+
+def test_evaluate_writes_the_report(workdir, tmp_path, capsys):
+    out = str(tmp_path / "report.json")
+    assert main(["evaluate", "--workdir", workdir, "--split", "test", "--out", out]) == 0
+    result = json.load(open(out))
+    for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "class_names", "num_examples"):
+        assert key in result
+    cm = np.array(result["confusion_matrix"])
+    assert cm.shape == (4, 4) and cm.sum() == result["num_examples"] > 0
+    assert result["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    assert set(result["per_class"]) == set(result["class_names"])
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_evaluate_every_image_of_a_folder_and_predict(workdir, tmp_path, capsys):
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    files = []
+    for name in ("Benign", "Pro"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            path = root / name / f"{i}.png"
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), np.uint8)).save(path)
+            files.append(str(path))
+    out = str(tmp_path / "folder.json")
+    assert main(["evaluate", "--workdir", workdir, "--data", str(root), "--out", out]) == 0
+    assert json.load(open(out))["num_examples"] == 6
+    capsys.readouterr()
+    assert main(["predict", "--workdir", workdir, *files[:2]]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [line["file"] for line in lines] == files[:2]
+    for line in lines:
+        assert line["class"] in line["probabilities"]
+        assert sum(line["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "nope", "--workdir", "{tmp}/w"], "unknown model 'nope'"),
+    (["train", "--data", "{tmp}/missing", "--workdir", "{tmp}/w"], "missing"),
+    (["evaluate", "--workdir", "{tmp}"], "not a jaxcell workdir"),
+    (["evaluate", "--workdir", "{workdir}", "--model", "brin"], "holds a 'lightnetcell' model"),
+    (["predict", "--workdir", "{workdir}", "{tmp}/none.jpg"], "none.jpg"),
+    (["train", "--model-arg", "depth=3", "--workdir", "{tmp}/w"], "takes no argument depth"),
+])
+def test_user_errors_are_one_clear_line(argv, message, workdir, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, workdir=workdir) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_corrupt_image_is_named_not_dropped(workdir, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(good)  # grayscale: converted, not refused
+    assert main(["predict", "--workdir", workdir, str(good), str(bad)]) == 2
+    assert "bad.jpg" in capsys.readouterr().err
+    assert main(["predict", "--workdir", workdir, str(good)]) == 0
