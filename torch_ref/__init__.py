@@ -8,10 +8,20 @@ import inspect
 
 import torch.nn as nn
 
+from torch_ref.brin import BRIN
+from torch_ref.densenet import DenseNet121
+from torch_ref.hybrid import HybridViT
 from torch_ref.lightnetcell import LightNetCell
+from torch_ref.resnet import ResNet18, ResNet34, ResNet50
 
 REGISTRY: dict[str, type[nn.Module]] = {
     "lightnetcell": LightNetCell,
+    "brin": BRIN,
+    "hybrid_vit": HybridViT,
+    "resnet18": ResNet18,
+    "resnet34": ResNet34,
+    "resnet50": ResNet50,
+    "densenet121": DenseNet121,
 }
 
 
@@ -29,3 +39,5 @@ def create(name: str, num_classes: int = 4, image_size: int = 224, **kwargs) -> 
         raise ValueError(f"model {name!r} takes no argument {', '.join(unknown)}; "
                          f"it takes {', '.join(sorted(accepted))}")
     return cls(num_classes=num_classes, image_size=image_size, **kwargs)
+
+from torch_ref.io import load, preprocess  # noqa: E402  (io uses create, defined above)

@@ -14,7 +14,11 @@ from typing import Callable
 import flax.linen as nn
 
 from jaxcell.errors import UserError
+from jaxcell.models.brin import BRIN
+from jaxcell.models.densenet import DenseNet121
+from jaxcell.models.hybrid import HybridViT
 from jaxcell.models.lightnetcell import LightNetCell
+from jaxcell.models.resnet import ResNet18, ResNet34, ResNet50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +42,15 @@ def register(spec: ModelSpec) -> None:
 
 
 register(ModelSpec("lightnetcell", LightNetCell))
+register(ModelSpec("brin", BRIN))
+register(ModelSpec("hybrid_vit", HybridViT))
+# torchvision's architectures and input normalization, so its ImageNet checkpoints load and see
+# what they were trained on.
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+register(ModelSpec("resnet18", ResNet18, **IMAGENET))
+register(ModelSpec("resnet34", ResNet34, **IMAGENET))
+register(ModelSpec("resnet50", ResNet50, **IMAGENET))
+register(ModelSpec("densenet121", DenseNet121, **IMAGENET))
 
 
 def names() -> list[str]:
