@@ -1,0 +1,393 @@
+"""The `jaxcell` command.
+
+    jaxcell train     --model NAME [--data DIR] --workdir DIR ...
+    jaxcell evaluate  --workdir DIR [--workdir DIR ...] [--data DIR] [--split test] [--tta]
+                      [--stain-shift S] [--fit-temperature] [--out report.json]
+    jaxcell predict   --workdir DIR [--cam OUTDIR] IMAGE...
+    jaxcell report    --workdir DIR --out report.html [--data DIR] [--split test]
+    jaxcell audit     --data DIR [--json FILE]
+    jaxcell parity    --model NAME [--image-size N] [--batch N] [--seed N] [--train-steps N]
+    jaxcell export    --workdir DIR --out FILE [--format safetensors|torch] [--checkpoint best|last]
+    jaxcell import    --torch FILE --workdir DIR [--model NAME]
+    jaxcell summary   [--model NAME] [--image-size N]
+
+Mistakes a user can fix (paths, names, files) end with one line on stderr and exit code 2.
+"""
+
+import argparse
+import ast
+import json
+import os
+import sys
+
+from jaxcell.errors import UserError
+
+
+def _model_arg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _evaluation_args(e: argparse.ArgumentParser, ensemble: bool) -> None:
+    """The options `evaluate` and `report` share."""
+    if ensemble:
+        e.add_argument("--workdir", required=True, action="append",
+                       help="a trained workdir; repeat for an ensemble (probabilities averaged)")
+    else:
+        e.add_argument("--workdir", required=True)
+    e.add_argument("--model", help="refuse a workdir of another model")
+    e.add_argument("--data", help="evaluate every image of this class-folder tree")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--checkpoint", default="best", help="best, last or a step number")
+    e.add_argument("--batch-size", type=_positive, default=64)
+    e.add_argument("--tta", action="store_true", help="average over the 8 flips and 90-degree rotations")
+    e.add_argument("--stain-shift", type=_non_negative_float, default=0.0, metavar="S",
+                   help="evaluate on HED stain-shifted copies of the images (strength S, e.g. 0.03)")
+    e.add_argument("--stain-seed", type=int, default=0, help="the fixed seed of --stain-shift")
+    e.add_argument("--cache-dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxcell", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model; no --data: synthetic smears")
+    t.add_argument("--model", default="lightnetcell")
+    t.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
+                   help="a constructor argument of the model, e.g. --model-arg hidden=128")
+    t.add_argument("--data", help="a class-folder tree (<root>/<Class>/*.jpg, or a Kaggle layout)")
+    t.add_argument("--image-size", type=_positive, default=224)
+    t.add_argument("--epochs", type=_positive, default=10)
+    t.add_argument("--batch-size", type=_positive, default=32)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--synthetic-examples", type=_positive, default=1200)
+    t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
+    t.add_argument("--no-augment", action="store_true", help="no flips, rotations, stain or colour jitter")
+    t.add_argument("--stain-jitter", type=float, default=0.05, metavar="S", help="HED jitter strength")
+    t.add_argument("--color-jitter", type=float, default=0.1, metavar="S")
+    t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: bfloat16 compute, float32 parameters, optimizer state and statistics")
+    t.add_argument("--workdir", required=True)
+    t.add_argument("--resume", action="store_true", help="continue the run in --workdir")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --workdir")
+    t.add_argument("--cache-dir", help="where decoded datasets are cached (default ~/.cache/jaxcell)")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--coordinator-address", metavar="HOST:PORT",
+                   help="multi-host: the address of process 0 (with --num-processes and --process-id); "
+                        "under SLURM or Open MPI these are detected")
+    t.add_argument("--num-processes", type=_positive)
+    t.add_argument("--process-id", type=int)
+
+    e = sub.add_parser("evaluate", help="metrics of a trained model (or an ensemble) on a split or a folder")
+    _evaluation_args(e, ensemble=True)
+    e.add_argument("--fit-temperature", action="store_true",
+                   help="refit the temperature on the validation split even if calibration.json has one "
+                        "(it is fitted and stored there on first use anyway)")
+    e.add_argument("--no-calibration", action="store_true", help="skip temperature scaling")
+    e.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="resamples for the 95%% intervals (fixed seed); 0: none")
+    e.add_argument("--out", help="write the report as JSON here")
+
+    r = sub.add_parser("report", help="a self-contained HTML report (metrics, plots, Grad-CAM gallery)")
+    _evaluation_args(r, ensemble=False)
+    r.add_argument("--out", required=True, help="the HTML file; the figures are also written beside it as PNG")
+    r.add_argument("--cams", type=int, default=8, metavar="N", help="Grad-CAM cases per gallery (right, wrong); 0: none")
+
+    a = sub.add_parser("audit", help="dataset audit: colour shortcut, duplicates, balance, sizes")
+    a.add_argument("--data", required=True, help="a class-folder tree")
+    a.add_argument("--json", help="write the audit as JSON here")
+    a.add_argument("--folds", type=_positive, default=5)
+    a.add_argument("--shift", type=float, default=0.03, metavar="S", help="HED stain-shift strength")
+    a.add_argument("--hash-distance", type=int, default=4, metavar="D",
+                   help="near duplicates: difference hashes at most D bits apart (of 64)")
+    a.add_argument("--per-class", type=_positive, metavar="N", help="audit only the first N images of each class")
+    a.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("predict", help="class probabilities for image files, one JSON line each")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--model", help="refuse a workdir of another model")
+    p.add_argument("--checkpoint", default="best")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--cam", metavar="OUTDIR", help="also write a Grad-CAM overlay PNG per image here")
+    p.add_argument("--cam-layer", help="the layer for --cam (flax or torch module path); default per model")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+
+    q = sub.add_parser("parity", help="layer-by-layer comparison of the JAX model with its torch twin")
+    q.add_argument("--model", required=True)
+    q.add_argument("--image-size", type=_positive, default=64)
+    q.add_argument("--batch", type=_positive, default=2)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--tolerance", type=float, default=1e-5)
+    q.add_argument("--train-steps", type=_positive, metavar="N",
+                   help="also train both twins N Adam steps from the same weights and compare every step")
+    q.add_argument("--lr", type=float, default=1e-3, help="with --train-steps")
+    q.add_argument("--train-tolerance", type=float, help="with --train-steps (default: parity.training's)")
+    q.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
+                   help="with --train-steps: a constructor argument, e.g. widths=(8,16,16)")
+
+    x = sub.add_parser("export", help="a trained workdir -> a torch_ref state dict (+ FILE.json sidecar)")
+    x.add_argument("--workdir", required=True)
+    x.add_argument("--format", choices=["safetensors", "torch"],
+                   help="default: from the --out extension (.safetensors, or .pt/.pth for torch.save)")
+    x.add_argument("--out", required=True, metavar="FILE")
+    x.add_argument("--checkpoint", default="best", help="best, last or a step number")
+
+    i = sub.add_parser("import", help="a torch_ref state dict (.safetensors, .pt) -> a jaxcell workdir")
+    i.add_argument("--torch", required=True, metavar="FILE")
+    i.add_argument("--workdir", required=True)
+    i.add_argument("--model", help="needed when FILE has no sidecar (FILE.json)")
+    i.add_argument("--image-size", type=_positive, help="without a sidecar: the model's image size (default 224)")
+    i.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
+                   help="without a sidecar: a constructor argument (num_classes is read from the weights)")
+    i.add_argument("--overwrite", action="store_true", help="replace a run already in --workdir")
+
+    s = sub.add_parser("summary", help="parameters and forward FLOPs per image")
+    s.add_argument("--model", help="one model (default: every registered model)")
+    s.add_argument("--image-size", type=_positive, default=224)
+    s.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from jaxcell import distributed
+
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    from jaxcell import data, models
+    from jaxcell.train import TrainConfig, is_main_process, train
+
+    model_kwargs = dict(args.model_arg)
+    models.create(args.model, image_size=args.image_size, **model_kwargs)  # unknown names fail before any work
+    config = TrainConfig(model=args.model, model_kwargs=model_kwargs, image_size=args.image_size,
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         data=os.path.abspath(args.data) if args.data else None,
+                         synthetic_examples=args.synthetic_examples, checkpoint_every=args.checkpoint_every,
+                         augment=not args.no_augment, stain_jitter=args.stain_jitter,
+                         color_jitter=args.color_jitter, precision=args.precision)
+    dataset = data.load(config.data, config.image_size, seed=config.seed,
+                        synthetic_examples=config.synthetic_examples, cache_dir=args.cache_dir)
+    if is_main_process():
+        print(f"{args.model} on {dataset.source}: "
+              + ", ".join(f"{k} {len(v[1])}" for k, v in dataset.splits.items()))
+    result = train(config, dataset, args.workdir, resume=args.resume, overwrite=args.overwrite,
+                   progress=not args.no_progress)
+    if result.interrupted or not is_main_process():
+        return 0
+    last = result.history[-1] if result.history else {}
+    print(f"trained {args.model} in {result.seconds:.1f}s; last val accuracy "
+          f"{last.get('val_accuracy', float('nan')):.4f}; workdir {args.workdir}")
+    return 0
+
+
+def _restore(args):
+    from jaxcell.train import read_config, restore_for_inference
+
+    record = read_config(args.workdir)
+    if args.model and args.model != record["model"]:
+        raise UserError(f"{args.workdir} holds a {record['model']!r} model, not {args.model!r}")
+    which = int(args.checkpoint) if str(args.checkpoint).isdigit() else args.checkpoint
+    if which not in ("best", "last") and not isinstance(which, int):
+        raise UserError(f"--checkpoint must be best, last or a step number, not {args.checkpoint!r}")
+    return restore_for_inference(args.workdir, which)
+
+
+def _probabilities(eval_step, state, images, batch_size, placement):
+    import numpy as np
+
+    from jaxcell.train import predict_logits
+
+    logits = predict_logits(eval_step, state, images, batch_size, placement)
+    logits = logits - logits.max(-1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(-1, keepdims=True)
+
+
+def _run_evaluation(args, workdirs: list[str], calibrate: bool = True, refit: bool = False, resamples: int = 1000):
+    from jaxcell.evaluate import run_evaluation
+
+    return run_evaluation(workdirs, checkpoint=args.checkpoint, model=args.model, data_dir=args.data,
+                          split=args.split, tta=args.tta, shift=args.stain_shift, shift_seed=args.stain_seed,
+                          calibrate=calibrate, refit_temperature=refit, batch_size=args.batch_size,
+                          cache_dir=args.cache_dir, resamples=resamples, log=print)
+
+
+def cmd_evaluate(args) -> int:
+    from jaxcell.evaluate import format_evaluation
+
+    if args.bootstrap < 0:
+        raise UserError(f"--bootstrap must be 0 or more, got {args.bootstrap}")
+    evaluation = _run_evaluation(args, args.workdir, calibrate=not args.no_calibration,
+                                 refit=args.fit_temperature, resamples=args.bootstrap)
+    result = evaluation.result
+    conditions = (" with TTA" if args.tta else "") + (
+        f", stain-shifted (HED {args.stain_shift}, seed {args.stain_seed})" if args.stain_shift else "")
+    print(f"{result['model']} on {result['data']}{conditions}")
+    print(format_evaluation(result))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"report written to {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from jaxcell.report import write_report
+
+    if not args.out.lower().endswith((".html", ".htm")):
+        raise UserError(f"--out {args.out}: the report is an HTML file; name it *.html")
+    evaluation = _run_evaluation(args, [args.workdir])
+    written = write_report(evaluation, args.out, cams=args.cams)
+    print(f"report written to {written[0]} (figures beside it: "
+          + ", ".join(os.path.basename(p) for p in written[1:]) + ")")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from jaxcell.audit import audit, format_audit
+
+    result = audit(args.data, folds=args.folds, shift=args.shift, hash_distance=args.hash_distance,
+                   per_class=args.per_class, seed=args.seed, log=print)
+    print(format_audit(result))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"audit written to {args.json}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from jaxcell.data.images import load_images
+
+    state, record, eval_step, placement = _restore(args)
+    images = load_images(args.images, record["preprocessing"]["image_size"])
+    probabilities = _probabilities(eval_step, state, images, args.batch_size, placement)
+    names = record["class_names"]
+    cams = _write_cams(args, state, record, images) if args.cam else [None] * len(args.images)
+    for path, p, cam in zip(args.images, probabilities, cams):
+        line = {"file": path, "class": names[int(p.argmax())],
+                "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)}}
+        if cam:
+            line["cam"] = cam
+        print(json.dumps(line))
+    return 0
+
+
+def _write_cams(args, state, record, images) -> list[str]:
+    """Grad-CAM overlays of the predicted class, one PNG per image in args.cam."""
+    from PIL import Image
+
+    from jaxcell import models
+    from jaxcell.explain import gradcam, overlay
+    from jaxcell.train import prepare
+
+    os.makedirs(args.cam, exist_ok=True)
+    model = models.create(record["model"], **record["model_kwargs"])
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    paths = []
+    for start in range(0, len(images), args.batch_size):
+        chunk = images[start:start + args.batch_size]
+        cam = gradcam(model, variables, prepare(chunk, record["preprocessing"]), target_layer=args.cam_layer)
+        for k, image in enumerate(chunk):
+            i = start + k
+            stem = os.path.splitext(os.path.basename(args.images[i]))[0]
+            path = os.path.join(args.cam, f"{i:04d}_{stem}_cam.png")  # the index keeps equal names apart
+            Image.fromarray(overlay(image, cam.maps[k])).save(path)
+            paths.append(path)
+    return paths
+
+
+def cmd_parity(args) -> int:
+    from jaxcell import models
+    from parity.compare import main as parity_main
+
+    models.spec(args.model)
+    code = parity_main(["--model", args.model, "--image-size", str(args.image_size), "--batch", str(args.batch),
+                        "--seed", str(args.seed), "--tolerance", str(args.tolerance)])
+    if not args.train_steps:
+        return code
+    from parity import training
+
+    tolerance = training.TRAIN_TOLERANCE if args.train_tolerance is None else args.train_tolerance
+    print()
+    return max(code, training.main(
+        ["--model", args.model, "--train-steps", str(args.train_steps), "--image-size", str(args.image_size),
+         "--batch", str(args.batch), "--seed", str(args.seed), "--lr", str(args.lr), "--tolerance", str(tolerance),
+         *[f"--model-arg={k}={v!r}" for k, v in args.model_arg]]))
+
+
+def cmd_export(args) -> int:
+    from jaxcell.export import export_workdir
+
+    which = int(args.checkpoint) if str(args.checkpoint).isdigit() else args.checkpoint
+    if which not in ("best", "last") and not isinstance(which, int):
+        raise UserError(f"--checkpoint must be best, last or a step number, not {args.checkpoint!r}")
+    weights, sidecar = export_workdir(args.workdir, args.out, args.format, which)
+    print(f"exported {args.workdir} ({args.checkpoint}) to {weights} with sidecar {sidecar}; "
+          f"in PyTorch: torch_ref.load({weights!r})")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from jaxcell.export import import_torch
+
+    kwargs = dict(args.model_arg)
+    if args.image_size is not None:
+        kwargs["image_size"] = args.image_size
+    record = import_torch(args.torch, args.workdir, model=args.model, model_kwargs=kwargs, overwrite=args.overwrite)
+    print(f"imported {args.torch} as {record['model']} ({record['model_kwargs']['num_classes']} classes: "
+          f"{', '.join(record['class_names'])}) into {args.workdir}")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from jaxcell import models
+    from jaxcell.summary import format_summary, summarize
+
+    names = [models.spec(args.model).name] if args.model else models.names()
+    print(format_summary([summarize(n, args.image_size, **dict(args.model_arg)) for n in names]))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report, "audit": cmd_audit,
+            "predict": cmd_predict, "parity": cmd_parity, "export": cmd_export, "import": cmd_import,
+            "summary": cmd_summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's and TFDS's info lines drown the report
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as error:
+        print(f"jaxcell {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jaxcell {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
