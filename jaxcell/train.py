@@ -131,7 +131,8 @@ def make_train_step(preprocessing: dict, augment: dict | None = None, precision:
         (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
         accuracy = (logits.argmax(-1) == batch["label"]).mean()
-        return state, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(state.params)]))
+        return state, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads), "finite": finite}
 
     return train_step
 
@@ -204,12 +205,38 @@ def augmentation(config: TrainConfig) -> dict | None:
     return {"stain": config.stain_jitter, "color": config.color_jitter} if config.augment else None
 
 
+# XLA:CPU (jax 0.10) hands convolutions and large dots to YNNPACK. Its convolution weight gradient
+# (a convolution whose window is the whole feature map) runs about 5x slower there than in XLA's
+# Eigen convolution, which is as fast as PyTorch's oneDNN; forward and input gradient are at par.
+# So on CPU convolutions go to Eigen and dots stay with YNNPACK: the same function, only another
+# kernel library (docs/benchmarks.md). An XLA:CPU option: other platforms get none.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+_cpu_options_ok: dict[str, bool] = {}
+
+
+def compiler_options(placement: Placement) -> dict | None:
+    """XLA options for steps jitted over `placement`: CPU_COMPILER_OPTIONS on CPU, if this XLA knows them."""
+    device = placement.mesh.devices.flat[0]
+    if device.platform != "cpu":
+        return None
+    if "ok" not in _cpu_options_ok:  # a jaxlib without the option refuses it: keep its defaults
+        probe = jax.ShapeDtypeStruct((1,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
+        try:
+            jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(probe).compile()
+            _cpu_options_ok["ok"] = True
+        except Exception:  # noqa: BLE001  (XlaRuntimeError: INVALID_ARGUMENT, unknown option or value)
+            _cpu_options_ok["ok"] = False
+    return dict(CPU_COMPILER_OPTIONS) if _cpu_options_ok["ok"] else None
+
+
 def compile_steps(placement: Placement, preprocessing: dict, augment: dict | None = None, precision: str = "fp32"):
     rep, bat = placement.replicated, placement.batch
+    options = compiler_options(placement)
     train_step = jax.jit(make_train_step(preprocessing, augment, precision), in_shardings=(rep, bat, rep),
-                         out_shardings=(rep, rep), donate_argnums=0)
+                         out_shardings=(rep, rep), donate_argnums=0, compiler_options=options)
     # Logits come back replicated, so every process can read all of them (they are small).
-    eval_step = jax.jit(make_eval_step(preprocessing), in_shardings=(rep, bat), out_shardings=rep)
+    eval_step = jax.jit(make_eval_step(preprocessing), in_shardings=(rep, bat), out_shardings=rep,
+                        compiler_options=options)
     return train_step, eval_step
 
 
@@ -371,10 +398,12 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
                     idx = np.sort(order[i * config.batch_size:(i + 1) * config.batch_size])
                     batch = placement.put_batch({"image": train_images[idx], "label": train_labels[idx]})
                     state, metrics = train_step(state, batch, step_rng(config.seed, step))
-                    loss, acc, grad_norm = (float(local(metrics[k])) for k in ("loss", "accuracy", "grad_norm"))
-                    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+                    loss, acc, grad_norm, finite = (float(local(metrics[k]))
+                                                    for k in ("loss", "accuracy", "grad_norm", "finite"))
+                    if not (finite and np.isfinite(grad_norm)):
                         raise Diverged(f"training diverged at step {step + 1} (epoch {epoch + 1}): loss {loss}, "
-                                       f"gradient norm {grad_norm}; the last good checkpoint is step "
+                                       f"gradient norm {grad_norm}, parameters finite: {bool(finite)}; "
+                                       f"the last good checkpoint is step "
                                        f"{checkpoints.latest_step()} in {checkpoints.directory}; try a lower --lr")
                     step += 1
                     sums += (loss, acc)

@@ -79,3 +79,44 @@ def test_refuses_to_clobber_or_resume_the_wrong_run(smears, tmp_path):
         train(config(), smears, str(tmp_path / "empty"), resume=True, progress=False)
     with pytest.raises(UserError, match="not a multiple"):
         train(config(batch_size=6), smears, str(tmp_path / "odd"), devices=jax.devices()[:4], progress=False)
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resume_is_bit_identical(smears, tmp_path, monkeypatch):
+    import signal
+
+    import jaxcell.train as trainer
+
+    straight = train(config(epochs=2), smears, str(tmp_path / "straight"), progress=False)
+    original = trainer.step_rng
+
+    def signal_at_step_4(seed, step):
+        if step == 4:  # delivered while step 5 runs: the loop must finish it, then checkpoint
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(seed, step)
+
+    workdir = str(tmp_path / "killed")
+    monkeypatch.setattr(trainer, "step_rng", signal_at_step_4)
+    stopped = train(config(epochs=2), smears, workdir, progress=False, log=lambda _: None)
+    monkeypatch.setattr(trainer, "step_rng", original)
+    assert stopped.interrupted and int(trainer.local(stopped.state.step)) == 5
+    assert Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True).latest_step() == 5
+    resumed = train(config(epochs=2), smears, workdir, resume=True, progress=False)
+    for a, b in zip(leaves(straight.state), leaves(resumed.state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(smears, tmp_path, monkeypatch):
+    import jax.numpy as jnp
+    import optax
+
+    import jaxcell.train as trainer
+
+    poisoned = lambda cfg: optax.chain(optax.adam(cfg.lr),  # noqa: E731  the 4th update is NaN
+                                       optax.scale_by_schedule(lambda n: jnp.where(n == 3, jnp.nan, 1.0)))
+    monkeypatch.setattr(trainer, "make_optimizer", poisoned)
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(trainer.Diverged, match="diverged at step 4.*last good checkpoint is step 3"):
+        train(config(checkpoint_every=1), smears, workdir, progress=False)
+    state, *_ = trainer.restore_for_inference(workdir, "last")
+    assert int(trainer.local(state.step)) == 3
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
