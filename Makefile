@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(BIN)/jaxcell train --model lightnetcell --image-size 64 --synthetic-examples 1200 \
-	    --epochs 6 --batch-size 32 --workdir $(WORKDIR) --overwrite
+	$(BIN)/jaxcell train --model lightnetcell --image-size 64 --synthetic-examples 2000 \
+	    --epochs 12 --batch-size 32 --workdir $(WORKDIR) --overwrite
 	$(BIN)/jaxcell evaluate --workdir $(WORKDIR) --split test --out $(WORKDIR)/report.json
 
 # The HTML-report test renders in headless Chromium (Debian's package); installed when missing and

@@ -10,6 +10,8 @@
     jaxcell export    --workdir DIR --out FILE [--format safetensors|torch] [--checkpoint best|last]
     jaxcell import    --torch FILE --workdir DIR [--model NAME]
     jaxcell summary   [--model NAME] [--image-size N]
+    jaxcell bench     --model NAME --json FILE [--image-size N] [--batch-size N] [--precision fp32,bf16]
+                      [--frameworks jax,torch,torch-compile] [--steps N] [--devices 1,2,4] [--quick]
 
 Mistakes a user can fix (paths, names, files) end with one line on stderr and exit code 2.
 """
@@ -78,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=_positive, default=224)
     t.add_argument("--epochs", type=_positive, default=10)
     t.add_argument("--batch-size", type=_positive, default=32)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, help="Adam's peak learning rate (default: the model's own)")
+    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="learning rate after the linear warm-up")
+    t.add_argument("--warmup-steps", type=int, metavar="N", help="default: a tenth of the run")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--synthetic-examples", type=_positive, default=1200)
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
@@ -165,7 +170,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="one model (default: every registered model)")
     s.add_argument("--image-size", type=_positive, default=224)
     s.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE")
+
+    b = sub.add_parser("bench", help="training and inference throughput: JAX against PyTorch eager and compiled")
+    b.add_argument("--model", required=True)
+    b.add_argument("--image-size", type=_positive)
+    b.add_argument("--batch-size", type=_positive, help="per device")
+    b.add_argument("--frameworks", type=_names, help="jax, torch, torch-compile, jax-xla-defaults (comma-separated)")
+    b.add_argument("--modes", type=_names, default=["train", "infer"], help="train, infer (comma-separated)")
+    b.add_argument("--precision", type=_names, default=["fp32"], help="fp32, bf16 (comma-separated)")
+    b.add_argument("--steps", type=_positive, help="timed steps (median reported)")
+    b.add_argument("--warmup", type=_positive, help="untimed steps first, compilation included")
+    b.add_argument("--devices", type=_counts, default=[1], help="JAX device counts, e.g. 1,2,4 (weak scaling)")
+    b.add_argument("--quick", action="store_true", help="tiny defaults (32 px, batch 4, 2 steps, jax and torch)")
+    b.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--deadline", type=float, help="Unix time after which no further runner starts")
+    b.add_argument("--json", required=True, help="write the results here")
+    b.add_argument("--markdown", help="also write the table here")
     return parser
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _counts(text: str) -> list[int]:
+    return [_positive(t) for t in _names(text)]
 
 
 def cmd_train(args) -> int:
@@ -178,11 +208,13 @@ def cmd_train(args) -> int:
     model_kwargs = dict(args.model_arg)
     models.create(args.model, image_size=args.image_size, **model_kwargs)  # unknown names fail before any work
     config = TrainConfig(model=args.model, model_kwargs=model_kwargs, image_size=args.image_size,
-                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                         lr=args.lr if args.lr is not None else models.spec(args.model).lr,
                          data=os.path.abspath(args.data) if args.data else None,
                          synthetic_examples=args.synthetic_examples, checkpoint_every=args.checkpoint_every,
                          augment=not args.no_augment, stain_jitter=args.stain_jitter,
-                         color_jitter=args.color_jitter, precision=args.precision)
+                         color_jitter=args.color_jitter, precision=args.precision,
+                         schedule=args.schedule, warmup_steps=args.warmup_steps)
     dataset = data.load(config.data, config.image_size, seed=config.seed,
                         synthetic_examples=config.synthetic_examples, cache_dir=args.cache_dir)
     if is_main_process():
@@ -369,9 +401,15 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from jaxcell import bench
+
+    return bench.command(args)
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report, "audit": cmd_audit,
             "predict": cmd_predict, "parity": cmd_parity, "export": cmd_export, "import": cmd_import,
-            "summary": cmd_summary}
+            "summary": cmd_summary, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,11 +40,13 @@ def test_one_device_and_four_devices_train_alike(smears, tmp_path):
     assert one.history[-1]["val_accuracy"] == pytest.approx(four.history[-1]["val_accuracy"])
 
 
-def test_resume_continues_bit_identically(smears, tmp_path):
-    straight = train(config(epochs=2), smears, str(tmp_path / "straight"), progress=False)
+def test_extending_a_run_with_resume_continues_bit_identically(smears, tmp_path):
+    # A constant learning rate: with a schedule, the run's length is part of the schedule.
+    flat = dict(schedule="constant", warmup_steps=0)
+    straight = train(config(epochs=2, **flat), smears, str(tmp_path / "straight"), progress=False)
     workdir = str(tmp_path / "halves")
-    train(config(epochs=1, checkpoint_every=3), smears, workdir, progress=False)
-    resumed = train(config(epochs=2), smears, workdir, resume=True, progress=False)
+    train(config(epochs=1, checkpoint_every=3, **flat), smears, workdir, progress=False)
+    resumed = train(config(epochs=2, **flat), smears, workdir, resume=True, progress=False)
     assert int(resumed.state.step) == int(straight.state.step)
     for a, b in zip(leaves(straight.state), leaves(resumed.state)):
         np.testing.assert_array_equal(a, b)
@@ -111,7 +113,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
 
     import jaxcell.train as trainer
 
-    poisoned = lambda cfg: optax.chain(optax.adam(cfg.lr),  # noqa: E731  the 4th update is NaN
+    poisoned = lambda cfg, total_steps=1: optax.chain(optax.adam(cfg.lr),  # noqa: E731  4th update NaN
                                        optax.scale_by_schedule(lambda n: jnp.where(n == 3, jnp.nan, 1.0)))
     monkeypatch.setattr(trainer, "make_optimizer", poisoned)
     workdir = str(tmp_path / "nan")

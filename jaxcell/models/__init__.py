@@ -28,6 +28,8 @@ class ModelSpec:
     # Input normalization, applied to images scaled to [0, 1]: (x - mean) / std.
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # Adam's peak learning rate when the user gives none.
+    lr: float = 1e-3
 
     @property
     def preprocessing(self) -> dict:
@@ -41,7 +43,9 @@ def register(spec: ModelSpec) -> None:
     REGISTRY[spec.name] = spec
 
 
-register(ModelSpec("lightnetcell", LightNetCell))
+# A dense layer on flattened features has a huge fan-in (16,384 at 64 px): Adam's early,
+# gradient-size-blind steps of about lr per weight then swamp it at 1e-3.
+register(ModelSpec("lightnetcell", LightNetCell, lr=3e-4))
 register(ModelSpec("brin", BRIN))
 register(ModelSpec("hybrid_vit", HybridViT))
 # torchvision's architectures and input normalization, so its ImageNet checkpoints load and see
