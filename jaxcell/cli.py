@@ -25,7 +25,7 @@ import sys
 from jaxcell.errors import UserError
 
 
-def _model_arg(text: str) -> tuple[str, object]:
+def model_arg(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -35,7 +35,7 @@ def _model_arg(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
@@ -60,7 +60,7 @@ def _evaluation_args(e: argparse.ArgumentParser, ensemble: bool) -> None:
     e.add_argument("--data", help="evaluate every image of this class-folder tree")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--checkpoint", default="best", help="best, last or a step number")
-    e.add_argument("--batch-size", type=_positive, default=64)
+    e.add_argument("--batch-size", type=positive, default=64)
     e.add_argument("--tta", action="store_true", help="average over the 8 flips and 90-degree rotations")
     e.add_argument("--stain-shift", type=_non_negative_float, default=0.0, metavar="S",
                    help="evaluate on HED stain-shifted copies of the images (strength S, e.g. 0.03)")
@@ -74,18 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model; no --data: synthetic smears")
     t.add_argument("--model", default="lightnetcell")
-    t.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
+    t.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE",
                    help="a constructor argument of the model, e.g. --model-arg hidden=128")
     t.add_argument("--data", help="a class-folder tree (<root>/<Class>/*.jpg, or a Kaggle layout)")
-    t.add_argument("--image-size", type=_positive, default=224)
-    t.add_argument("--epochs", type=_positive, default=10)
-    t.add_argument("--batch-size", type=_positive, default=32)
+    t.add_argument("--image-size", type=positive, default=224)
+    t.add_argument("--epochs", type=positive, default=10)
+    t.add_argument("--batch-size", type=positive, default=32)
     t.add_argument("--lr", type=float, help="Adam's peak learning rate (default: the model's own)")
     t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="learning rate after the linear warm-up")
     t.add_argument("--warmup-steps", type=int, metavar="N", help="default: a tenth of the run")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--synthetic-examples", type=_positive, default=1200)
+    t.add_argument("--synthetic-examples", type=positive, default=1200)
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
     t.add_argument("--no-augment", action="store_true", help="no flips, rotations, stain or colour jitter")
     t.add_argument("--stain-jitter", type=float, default=0.05, metavar="S", help="HED jitter strength")
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--coordinator-address", metavar="HOST:PORT",
                    help="multi-host: the address of process 0 (with --num-processes and --process-id); "
                         "under SLURM or Open MPI these are detected")
-    t.add_argument("--num-processes", type=_positive)
+    t.add_argument("--num-processes", type=positive)
     t.add_argument("--process-id", type=int)
 
     e = sub.add_parser("evaluate", help="metrics of a trained model (or an ensemble) on a split or a folder")
@@ -121,33 +121,33 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="dataset audit: colour shortcut, duplicates, balance, sizes")
     a.add_argument("--data", required=True, help="a class-folder tree")
     a.add_argument("--json", help="write the audit as JSON here")
-    a.add_argument("--folds", type=_positive, default=5)
+    a.add_argument("--folds", type=positive, default=5)
     a.add_argument("--shift", type=float, default=0.03, metavar="S", help="HED stain-shift strength")
     a.add_argument("--hash-distance", type=int, default=4, metavar="D",
                    help="near duplicates: difference hashes at most D bits apart (of 64)")
-    a.add_argument("--per-class", type=_positive, metavar="N", help="audit only the first N images of each class")
+    a.add_argument("--per-class", type=positive, metavar="N", help="audit only the first N images of each class")
     a.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("predict", help="class probabilities for image files, one JSON line each")
     p.add_argument("--workdir", required=True)
     p.add_argument("--model", help="refuse a workdir of another model")
     p.add_argument("--checkpoint", default="best")
-    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--batch-size", type=positive, default=64)
     p.add_argument("--cam", metavar="OUTDIR", help="also write a Grad-CAM overlay PNG per image here")
     p.add_argument("--cam-layer", help="the layer for --cam (flax or torch module path); default per model")
     p.add_argument("images", nargs="+", metavar="IMAGE")
 
     q = sub.add_parser("parity", help="layer-by-layer comparison of the JAX model with its torch twin")
     q.add_argument("--model", required=True)
-    q.add_argument("--image-size", type=_positive, default=64)
-    q.add_argument("--batch", type=_positive, default=2)
+    q.add_argument("--image-size", type=positive, default=64)
+    q.add_argument("--batch", type=positive, default=2)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--tolerance", type=float, default=1e-5)
-    q.add_argument("--train-steps", type=_positive, metavar="N",
+    q.add_argument("--train-steps", type=positive, metavar="N",
                    help="also train both twins N Adam steps from the same weights and compare every step")
     q.add_argument("--lr", type=float, default=1e-3, help="with --train-steps")
     q.add_argument("--train-tolerance", type=float, help="with --train-steps (default: parity.training's)")
-    q.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
+    q.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE",
                    help="with --train-steps: a constructor argument, e.g. widths=(8,16,16)")
 
     x = sub.add_parser("export", help="a trained workdir -> a torch_ref state dict (+ FILE.json sidecar)")
@@ -161,28 +161,28 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--torch", required=True, metavar="FILE")
     i.add_argument("--workdir", required=True)
     i.add_argument("--model", help="needed when FILE has no sidecar (FILE.json)")
-    i.add_argument("--image-size", type=_positive, help="without a sidecar: the model's image size (default 224)")
-    i.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
+    i.add_argument("--image-size", type=positive, help="without a sidecar: the model's image size (default 224)")
+    i.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE",
                    help="without a sidecar: a constructor argument (num_classes is read from the weights)")
     i.add_argument("--overwrite", action="store_true", help="replace a run already in --workdir")
 
     s = sub.add_parser("summary", help="parameters and forward FLOPs per image")
     s.add_argument("--model", help="one model (default: every registered model)")
-    s.add_argument("--image-size", type=_positive, default=224)
-    s.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE")
+    s.add_argument("--image-size", type=positive, default=224)
+    s.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE")
 
     b = sub.add_parser("bench", help="training and inference throughput: JAX against PyTorch eager and compiled")
     b.add_argument("--model", required=True)
-    b.add_argument("--image-size", type=_positive)
-    b.add_argument("--batch-size", type=_positive, help="per device")
+    b.add_argument("--image-size", type=positive)
+    b.add_argument("--batch-size", type=positive, help="per device")
     b.add_argument("--frameworks", type=_names, help="jax, torch, torch-compile, jax-xla-defaults (comma-separated)")
     b.add_argument("--modes", type=_names, default=["train", "infer"], help="train, infer (comma-separated)")
     b.add_argument("--precision", type=_names, default=["fp32"], help="fp32, bf16 (comma-separated)")
-    b.add_argument("--steps", type=_positive, help="timed steps (median reported)")
-    b.add_argument("--warmup", type=_positive, help="untimed steps first, compilation included")
+    b.add_argument("--steps", type=positive, help="timed steps (median reported)")
+    b.add_argument("--warmup", type=positive, help="untimed steps first, compilation included")
     b.add_argument("--devices", type=_counts, default=[1], help="JAX device counts, e.g. 1,2,4 (weak scaling)")
     b.add_argument("--quick", action="store_true", help="tiny defaults (32 px, batch 4, 2 steps, jax and torch)")
-    b.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE")
+    b.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--deadline", type=float, help="Unix time after which no further runner starts")
     b.add_argument("--json", required=True, help="write the results here")
@@ -195,7 +195,7 @@ def _names(text: str) -> list[str]:
 
 
 def _counts(text: str) -> list[int]:
-    return [_positive(t) for t in _names(text)]
+    return [positive(t) for t in _names(text)]
 
 
 def cmd_train(args) -> int:

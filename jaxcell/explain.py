@@ -25,6 +25,7 @@ import re
 import numpy as np
 
 from jaxcell.errors import UserError
+from jaxcell.twins import flax_path
 
 # Default Grad-CAM layer per registered model: a regular expression over flax module paths
 # ("/"-joined); of the modules that match, the one called last is taken (so the pattern fits
@@ -44,13 +45,7 @@ TARGET_LAYERS = {
 
 def torch_path_to_flax(path: str) -> str:
     """`layer4.1` -> `layer4_1`, `features.denseblock1` -> `features/denseblock1` (the twins' naming rule)."""
-    out: list[str] = []
-    for seg in path.replace("/", ".").split("."):
-        if seg.isdigit() and out:
-            out[-1] += "_" + seg
-        elif seg:
-            out.append(seg)
-    return "/".join(out)
+    return "/".join(flax_path(path))
 
 
 def _is_map(shape) -> bool:

@@ -35,6 +35,7 @@ import torch.nn as tnn
 import jaxcell.models
 import torch_ref
 from jaxcell.errors import UserError
+from jaxcell.twins import flax_path
 
 Path = tuple[str, ...]  # (collection, module, ..., leaf), e.g. ("params", "block1", "conv", "kernel")
 
@@ -61,13 +62,7 @@ class Entry:
 
 def flax_module_path(torch_path: str) -> tuple[str, ...]:
     """The naming rule: `layer1.0.downsample.0` -> ("layer1_0", "downsample_0")."""
-    out: list[str] = []
-    for seg in torch_path.split(".") if torch_path else ():
-        if seg.isdigit() and out:
-            out[-1] += "_" + seg
-        else:
-            out.append(seg)
-    return tuple(out)
+    return flax_path(torch_path)
 
 
 def _show(path: Path) -> str:

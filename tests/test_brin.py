@@ -12,6 +12,7 @@ import torch
 import parity
 import torch_ref
 from jaxcell.errors import UserError
+from jaxcell.twins import BRIN_PRESETS, brin_config
 from jaxcell.models import brin as fb
 from jaxcell.models import create
 from parity.compare import compare, format_table, randomize_torch_model
@@ -19,8 +20,8 @@ from torch_ref import brin as tb
 
 TOL = 1e-5
 SMALL = {"preset": "small"}
-W = fb.PRESETS["small"]["width"]
-G = fb.PRESETS["small"]["groups"]
+W = BRIN_PRESETS["small"]["width"]
+G = BRIN_PRESETS["small"]["groups"]
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,6 @@ def test_sizes_in_both_frameworks(image_size):
 
 
 def test_presets_and_parameter_counts_agree():
-    assert fb.PRESETS == tb.PRESETS
     for preset in ("paper", "small"):
         fmodel = create("brin", preset=preset)
         v = jax.eval_shape(lambda x: fmodel.init(jax.random.key(0), x), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
@@ -174,9 +174,8 @@ def test_presets_and_parameter_counts_agree():
             n_torch = sum(p.numel() for p in torch_ref.create("brin", preset=preset).parameters())
         assert n_flax == n_torch
     # The default is the paper scale; explicit arguments override the preset.
-    assert fb.resolve_config(None, None, None, None) == (64, (2, 2, 2), 8)
-    assert fb.resolve_config("small", 32, None, None) == (32, (1, 1, 1), 4)
-    assert tb.resolve_config("small", 32, None, None) == (32, (1, 1, 1), 4)
+    assert brin_config(None, None, None, None) == (64, (2, 2, 2), 8)
+    assert brin_config("small", 32, None, None) == (32, (1, 1, 1), 4)
 
 
 @pytest.mark.parametrize("kw,match", [({"preset": "huge"}, "preset"), ({"width": 18}, "multiple of 4"),

@@ -7,32 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from jaxcell.twins import BRIN_PRESETS, brin_config  # plain Python: no jax
 from torch_ref.preprocessing import clahe_rgb_float, resize
 
-# Kept equal to jaxcell.models.brin.PRESETS (a test checks).
-PRESETS: dict[str, dict] = {
-    "paper": {"width": 64, "depth": (2, 2, 2), "groups": 8},
-    "small": {"width": 16, "depth": (1, 1, 1), "groups": 4},
-}
-
-
-def resolve_config(preset: str | None, width: int | None, depth: Sequence[int] | None,
-                   groups: int | None) -> tuple[int, tuple[int, ...], int]:
-    name = "paper" if preset is None else preset
-    if name not in PRESETS:
-        raise ValueError(f"BRIN preset {preset!r} unknown; known presets: {', '.join(PRESETS)}")
-    p = PRESETS[name]
-    width = p["width"] if width is None else int(width)
-    depth = p["depth"] if depth is None else tuple(int(d) for d in depth)
-    groups = p["groups"] if groups is None else int(groups)
-    if width < 4 or width % 4:
-        raise ValueError(f"BRIN width must be a positive multiple of 4 (inception has 4 branches), got {width}")
-    if not depth or min(depth) < 1:
-        raise ValueError(f"BRIN depth must be one or more positive block counts per stage, got {depth}")
-    if groups < 1 or (width // 2) % groups:
-        raise ValueError(f"BRIN groups={groups} must divide the efficient pathway's {width // 2} "
-                         f"bottleneck channels (width / 2)")
-    return width, depth, groups
 
 
 def avg_pool_ceil(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -274,7 +251,7 @@ class BRIN(nn.Module):
                  depth: Sequence[int] | None = None, groups: int | None = None, dropout: float = 0.3,
                  clahe_clip: float = 2.0, clahe_grid: int = 8, preset: str | None = None):
         super().__init__()
-        width, depth, groups = resolve_config(preset, width, depth, groups)
+        width, depth, groups = brin_config(preset, width, depth, groups)
         self.num_classes, self.image_size = num_classes, image_size
         self.input = InputProcessing(clahe_clip, clahe_grid)
         self.stem = DualPathStem(width)

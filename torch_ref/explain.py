@@ -20,17 +20,12 @@ import torch
 import torch.nn.functional as F
 
 import torch_ref
+from jaxcell.twins import flax_path  # plain Python: no jax
 
 
 def flax_spelling(path: str) -> str:
     """The naming rule of the twins: `layer4.1.conv1` -> `layer4_1/conv1`."""
-    out: list[str] = []
-    for seg in path.replace("/", ".").split("."):
-        if seg.isdigit() and out:
-            out[-1] += "_" + seg
-        elif seg:
-            out.append(seg)
-    return "/".join(out)
+    return "/".join(flax_path(path))
 
 
 def _registered_name(model: torch.nn.Module) -> str | None:

@@ -7,18 +7,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from jaxcell.twins import HYBRID_PATCH as PATCH, hybrid_config as check_config  # plain Python: no jax
+from jaxcell.twins import hybrid_reduction as reduction
 from torch_ref.preprocessing import resize
 
-PATCH = 2
 LN_EPS = 1e-5
-
-
-def reduction(stages: int) -> int:
-    return 2 ** stages * PATCH
-
-
-def token_grid(size: int, stages: int) -> int:
-    return size // reduction(stages)
 
 
 class ConvStage(nn.Module):
@@ -60,24 +53,6 @@ class EncoderLayer(nn.Module):
         y = self.norm1(x)
         x = x + self.drop(self.attn(y, y, y, need_weights=False)[0])
         return x + self.mlp(self.norm2(x))
-
-
-def check_config(image_size: int, widths: Sequence[int], dim: int, depth: int, heads: int, mlp_ratio: float,
-                 pos_image_size: int | None) -> int:
-    """The flax twin's checks, raising ValueError (torch_ref does not import jaxcell)."""
-    if not widths or min(widths) < 1:
-        raise ValueError(f"hybrid_vit widths must be positive channel counts, one per conv stage, "
-                         f"got {tuple(widths)}")
-    ref, r = image_size if pos_image_size is None else pos_image_size, reduction(len(widths))
-    if ref < r:
-        raise ValueError(f"hybrid_vit needs a reference image size of at least {r} pixels "
-                         f"(one token per {r}x{r}), got {ref}")
-    if heads < 1 or dim % heads:
-        raise ValueError(f"hybrid_vit heads={heads} must divide dim={dim}")
-    if depth < 0 or int(dim * mlp_ratio) < 1:
-        raise ValueError(f"hybrid_vit needs depth >= 0 and dim * mlp_ratio >= 1, got depth={depth}, "
-                         f"mlp_ratio={mlp_ratio}")
-    return token_grid(ref, len(widths))
 
 
 class HybridViT(nn.Module):

@@ -21,7 +21,6 @@ module does not: both imports happen in main()).
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_ref
+from jaxcell.cli import model_arg, positive  # argparse types only; jaxcell.cli imports no jax at load
 from torch_ref import io
 
 CONFIG_FILE = "config.json"
@@ -239,38 +239,21 @@ def _save(model, record: dict, path: str, epoch: int, step: int) -> None:
 
 # ----------------------------------------------------------------------------- the command
 
-def _model_arg(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     t = argparse.ArgumentParser(prog="python -m torch_ref.train",
                                 description="Train a torch_ref model as `jaxcell train` trains its twin.")
     t.add_argument("--model", default="lightnetcell")
-    t.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE")
+    t.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE")
     t.add_argument("--data", help="a class-folder tree; none: synthetic smears")
-    t.add_argument("--image-size", type=_positive, default=224)
-    t.add_argument("--epochs", type=_positive, default=10)
-    t.add_argument("--batch-size", type=_positive, default=32)
+    t.add_argument("--image-size", type=positive, default=224)
+    t.add_argument("--epochs", type=positive, default=10)
+    t.add_argument("--batch-size", type=positive, default=32)
     t.add_argument("--lr", type=float, help="Adam's peak learning rate (default: the model's own, as jaxcell's)")
     t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="learning rate after the linear warm-up")
     t.add_argument("--warmup-steps", type=int, metavar="N", help="default: a tenth of the run")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--synthetic-examples", type=_positive, default=1200)
+    t.add_argument("--synthetic-examples", type=positive, default=1200)
     t.add_argument("--no-augment", action="store_true", help="no flips, rotations, stain or colour jitter")
     t.add_argument("--stain-jitter", type=float, default=0.05, metavar="S")
     t.add_argument("--color-jitter", type=float, default=0.1, metavar="S")

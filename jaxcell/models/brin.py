@@ -46,35 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcell.errors import UserError
 from jaxcell.models.layers import BatchNorm, conv, max_pool
 from jaxcell.preprocessing import clahe_rgb_float, resize
+from jaxcell.twins import BRIN_PRESETS, brin_config
 
-# Kept equal to torch_ref.brin.PRESETS (a test checks).
-PRESETS: dict[str, dict] = {
-    "paper": {"width": 64, "depth": (2, 2, 2), "groups": 8},
-    "small": {"width": 16, "depth": (1, 1, 1), "groups": 4},
-}
-
-
-def resolve_config(preset: str | None, width: int | None, depth: Sequence[int] | None,
-                   groups: int | None) -> tuple[int, tuple[int, ...], int]:
-    """(width, depth, groups) from a preset name and overrides; refuses what cannot be built."""
-    name = "paper" if preset is None else preset
-    if name not in PRESETS:
-        raise UserError(f"BRIN preset {preset!r} unknown; known presets: {', '.join(PRESETS)}")
-    p = PRESETS[name]
-    width = p["width"] if width is None else int(width)
-    depth = p["depth"] if depth is None else tuple(int(d) for d in depth)
-    groups = p["groups"] if groups is None else int(groups)
-    if width < 4 or width % 4:
-        raise UserError(f"BRIN width must be a positive multiple of 4 (inception has 4 branches), got {width}")
-    if not depth or min(depth) < 1:
-        raise UserError(f"BRIN depth must be one or more positive block counts per stage, got {depth}")
-    if groups < 1 or (width // 2) % groups:
-        raise UserError(f"BRIN groups={groups} must divide the efficient pathway's {width // 2} "
-                        f"bottleneck channels (width / 2)")
-    return width, depth, groups
 
 
 def identity_init(key, shape, dtype=jnp.float32):
@@ -328,12 +303,12 @@ class BRIN(nn.Module):
     preset: str | None = None
 
     def __post_init__(self):
-        resolve_config(self.preset, self.width, self.depth, self.groups)  # refuse early, at construction
+        brin_config(self.preset, self.width, self.depth, self.groups)  # refuse early, at construction
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        width, depth, groups = resolve_config(self.preset, self.width, self.depth, self.groups)
+        width, depth, groups = brin_config(self.preset, self.width, self.depth, self.groups)
         x = InputProcessing(self.clahe_clip, self.clahe_grid, name="input")(x, train)
         x = DualPathStem(width, name="stem")(x, train)
         feats = []

@@ -31,22 +31,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxcell.errors import UserError
+from jaxcell.twins import HYBRID_PATCH as PATCH, hybrid_config as check_config
+from jaxcell.twins import hybrid_reduction as reduction, hybrid_token_grid as token_grid
 from jaxcell.models.layers import BatchNorm, conv, max_pool
 from jaxcell.preprocessing import resize
 
-PATCH = 2          # patch_embed kernel and stride
 LN_EPS = 1e-5
-
-
-def reduction(stages: int) -> int:
-    """Pixels per token along each axis: a 2x2 max pool per conv stage, then the patch."""
-    return 2 ** stages * PATCH
-
-
-def token_grid(size: int, stages: int) -> int:
-    """Tokens along one axis for an image side of `size` pixels (every step floors, so one
-    floor division does)."""
-    return size // reduction(stages)
 
 
 def _layer_norm(name: str) -> nn.LayerNorm:
@@ -94,24 +84,6 @@ class EncoderLayer(nn.Module):
         return x + Mlp(int(dim * self.mlp_ratio), self.dropout, name="mlp")(_layer_norm("norm2")(x), train)
 
 
-def check_config(image_size: int, widths: Sequence[int], dim: int, depth: int, heads: int, mlp_ratio: float,
-                 pos_image_size: int | None, error: type[Exception]) -> int:
-    """Validate the constructor arguments (torch_ref.hybrid has the same checks); returns the reference grid g."""
-    if not widths or min(widths) < 1:
-        raise error(f"hybrid_vit widths must be positive channel counts, one per conv stage, "
-                    f"got {tuple(widths)}")
-    ref, r = image_size if pos_image_size is None else pos_image_size, reduction(len(widths))
-    if ref < r:
-        raise error(f"hybrid_vit needs a reference image size of at least {r} pixels "
-                    f"(one token per {r}x{r}), got {ref}")
-    if heads < 1 or dim % heads:
-        raise error(f"hybrid_vit heads={heads} must divide dim={dim}")
-    if depth < 0 or int(dim * mlp_ratio) < 1:
-        raise error(f"hybrid_vit needs depth >= 0 and dim * mlp_ratio >= 1, got depth={depth}, "
-                    f"mlp_ratio={mlp_ratio}")
-    return token_grid(ref, len(widths))
-
-
 class HybridViT(nn.Module):
     num_classes: int = 4
     image_size: int = 224
@@ -127,7 +99,7 @@ class HybridViT(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         g = check_config(self.image_size, self.widths, self.dim, self.depth, self.heads, self.mlp_ratio,
-                         self.pos_image_size, UserError)
+                         self.pos_image_size)
         r = reduction(len(self.widths))
         if min(x.shape[1:3]) < r:
             raise UserError(f"hybrid_vit needs images of at least {r}x{r} pixels, "
