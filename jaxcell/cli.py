@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate after the linear warm-up")
     t.add_argument("--warmup-steps", type=int, metavar="N", help="default: a tenth of the run")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init-from", metavar="FILE",
+                   help="fine-tune from a torch state dict (.pth/.pt/.safetensors; torchvision files as they are)")
+    t.add_argument("--freeze-backbone", action="store_true", help="train only the model's head")
+    t.add_argument("--head-epochs", type=int, default=0, metavar="N", help="train only the head for N epochs first")
+    t.add_argument("--backbone-lr-scale", type=float, metavar="S",
+                   help="backbone learning rate / head learning rate (default 0.1 with --init-from, else 1)")
     t.add_argument("--synthetic-examples", type=positive, default=1200)
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
     t.add_argument("--no-augment", action="store_true", help="no flips, rotations, stain or colour jitter")
@@ -214,7 +220,10 @@ def cmd_train(args) -> int:
                          synthetic_examples=args.synthetic_examples, checkpoint_every=args.checkpoint_every,
                          augment=not args.no_augment, stain_jitter=args.stain_jitter,
                          color_jitter=args.color_jitter, precision=args.precision,
-                         schedule=args.schedule, warmup_steps=args.warmup_steps)
+                         schedule=args.schedule, warmup_steps=args.warmup_steps,
+                         init_from=os.path.abspath(args.init_from) if args.init_from else None,
+                         freeze_backbone=args.freeze_backbone, head_epochs=args.head_epochs,
+                         backbone_lr_scale=args.backbone_lr_scale)
     dataset = data.load(config.data, config.image_size, seed=config.seed,
                         synthetic_examples=config.synthetic_examples, cache_dir=args.cache_dir)
     if is_main_process():

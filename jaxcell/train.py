@@ -52,6 +52,10 @@ class TrainConfig:
     precision: str = "fp32"            # "bf16": bfloat16 compute, float32 parameters, optimizer and statistics
     schedule: str = "cosine"           # learning rate after warm-up: "cosine" decay or "constant"
     warmup_steps: int | None = None    # None: a tenth of the run
+    init_from: str | None = None       # fine-tune from a torch state dict (.pth/.pt/.safetensors)
+    freeze_backbone: bool = False      # train only the model's head
+    head_epochs: int = 0               # train only the head for this many epochs first
+    backbone_lr_scale: float | None = None  # backbone lr / head lr; None: 0.1 when fine-tuning, else 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,10 +85,45 @@ def learning_rate(config: TrainConfig, total_steps: int) -> optax.Schedule:
                                               end_value=config.lr * 0.01)
 
 
-def make_optimizer(config: TrainConfig, total_steps: int = 1) -> optax.GradientTransformation:
-    """Adam on a schedule. The optimizer state's structure does not depend on total_steps, so a
-    restore target can be built without knowing the run's length."""
-    return optax.adam(learning_rate(config, total_steps))
+def make_optimizer(config: TrainConfig, total_steps: int = 1, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """Adam on a schedule, for the model's head and, separately, its backbone: the backbone's
+    rate is scaled (fine-tuning) and zero while it is frozen (--freeze-backbone, or the first
+    --head-epochs). The state's structure depends on neither the run's length nor the freezing,
+    so a restore target can be built from the config alone."""
+    head_lr = learning_rate(config, total_steps)
+    frozen = total_steps if config.freeze_backbone else min(config.head_epochs * steps_per_epoch, total_steps)
+    scale = config.backbone_lr_scale if config.backbone_lr_scale is not None else (0.1 if config.init_from else 1.0)
+    after = learning_rate(config, max(total_steps - frozen, 1))
+    backbone_lr = optax.join_schedules([optax.constant_schedule(0.0), lambda n: scale * after(n)], [frozen])
+    head = models.spec(config.model).head
+    labels = lambda params: {k: jax.tree.map(lambda _: "head" if k == head else "backbone", v)  # noqa: E731
+                             for k, v in params.items()}
+    return optax.multi_transform({"head": optax.adam(head_lr), "backbone": optax.adam(backbone_lr)}, labels)
+
+
+def load_pretrained(config: TrainConfig, state: "TrainState", num_classes: int, log: Callable[[str], None]):
+    """Start from a torch state dict (torchvision's own files included): every tensor that fits
+    is taken; the head, trained for other classes, keeps its fresh initialization."""
+    import parity
+    from torch_ref.io import read_state_dict
+
+    loaded = parity.torch_to_flax(config.model, read_state_dict(config.init_from), image_size=config.image_size,
+                                  **config.model_kwargs)
+    fresh = {"params": state.params, "batch_stats": state.batch_stats}
+    kept = []
+
+    def take(path, new, old):
+        if new.shape == old.shape:
+            return jnp.asarray(new, old.dtype)
+        kept.append(jax.tree_util.keystr(path))
+        return old
+
+    merged = jax.tree_util.tree_map_with_path(take, {k: loaded.get(k, {}) for k in fresh}, fresh)
+    head = models.spec(config.model).head
+    if any(head not in k for k in kept):
+        raise UserError(f"{config.init_from} does not fit {config.model}: {', '.join(kept)}")
+    log(f"initialized from {config.init_from}" + (f"; {head} re-initialized for {num_classes} classes" if kept else ""))
+    return state.replace(params=merged["params"], batch_stats=merged["batch_stats"])
 
 
 def init_state(model, tx, image_size: int, rng: jax.Array) -> TrainState:
@@ -226,12 +265,14 @@ def augmentation(config: TrainConfig) -> dict | None:
     return {"stain": config.stain_jitter, "color": config.color_jitter} if config.augment else None
 
 
-# XLA:CPU (jax 0.10) hands convolutions and large dots to YNNPACK. Its convolution weight gradient
-# (a convolution whose window is the whole feature map) runs about 5x slower there than in XLA's
-# Eigen convolution, which is as fast as PyTorch's oneDNN; forward and input gradient are at par.
-# So on CPU convolutions go to Eigen and dots stay with YNNPACK: the same function, only another
-# kernel library (docs/benchmarks.md). An XLA:CPU option: other platforms get none.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# XLA:CPU (jax 0.10) hands convolutions, large dots and reductions to YNNPACK. Its convolution
+# weight gradient (a convolution whose window is the whole feature map) runs about 5x slower there
+# than in XLA's Eigen convolution, which is as fast as PyTorch's oneDNN; forward and input gradient
+# are at par either way. So on CPU convolutions go to Eigen; dots and reductions stay with YNNPACK
+# (the rest of XLA's default list). The same function, another kernel library (docs/benchmarks.md).
+# An XLA:CPU option: other platforms get none.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+                                                                "LIBRARY_FUSION_TYPE_REDUCE"}
 _cpu_options_ok: dict[str, bool] = {}
 
 
@@ -248,6 +289,37 @@ def compiler_options(placement: Placement) -> dict | None:
         except Exception:  # noqa: BLE001  (XlaRuntimeError: INVALID_ARGUMENT, unknown option or value)
             _cpu_options_ok["ok"] = False
     return dict(CPU_COMPILER_OPTIONS) if _cpu_options_ok["ok"] else None
+
+
+def retain_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse instead of returning it to the system.
+
+    XLA:CPU allocates each step's temporaries afresh, in blocks too large for glibc's heaps, so
+    they are mmap-ed and unmapped every step and every page faults in again: 170 MB a step for
+    ResNet18's training step at 64 px, batch 32, about 15% of its time (PyTorch's steps fault
+    almost nothing). One arena without mmap reuses the pages. Takes full effect only before
+    JAX's first computation (its threads bind to an arena on their first allocation); the
+    process then keeps its peak memory. JAXCELL_MALLOC=system leaves malloc alone. Returns
+    whether the settings were applied (glibc only).
+    """
+    if os.environ.get("JAXCELL_MALLOC", "") == "system":
+        return False
+    if _malloc_tuned:
+        return _malloc_tuned[0]
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+        ok = all(libc.mallopt(option, value) == 1 for option, value in
+                 ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 1 << 30)))
+    except (OSError, AttributeError):  # not glibc
+        ok = False
+    _malloc_tuned.append(ok)
+    return ok
+
+
+_malloc_tuned: list[bool] = []
 
 
 def compile_steps(placement: Placement, preprocessing: dict, augment: dict | None = None, precision: str = "fp32"):
@@ -376,6 +448,7 @@ class _StopSignals:
 
 def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, resume: bool = False,
           overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+    retain_freed_memory()  # before the first step allocates: see its docstring
     placement = Placement.over(devices)
     if config.batch_size % placement.size:
         raise UserError(f"--batch-size {config.batch_size} is not a multiple of the {placement.size} devices")
@@ -393,7 +466,7 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
 
     model = models.create(config.model, **record["model_kwargs"])
     total_steps = steps_per_epoch * config.epochs
-    tx = make_optimizer(config, total_steps)
+    tx = make_optimizer(config, total_steps, steps_per_epoch)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
     if resume and checkpoints.latest_step() is not None:
         state = checkpoints.restore(abstract_state(model, tx, config.image_size, placement.replicated), "last")
@@ -401,6 +474,9 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
     else:
         state = jax.jit(lambda r: init_state(model, tx, config.image_size, r),
                         out_shardings=placement.replicated)(init_key(config.seed))
+        if config.init_from:
+            state = load_pretrained(config, state, len(dataset.class_names), log)
+            state = jax.device_put(state, placement.replicated)
     train_step, eval_step = compile_steps(placement, record["preprocessing"], augmentation(config), config.precision)
 
     step = int(local(state.step))
@@ -478,7 +554,9 @@ def _describe(entry: dict, epochs: int) -> str:
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, leave=False)
+    # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
+    return tqdm(total=total, initial=initial, disable=None if enabled else True, unit="step", dynamic_ncols=True,
+                leave=False)
 
 
 def _write_history(workdir: str, entries: list[dict], append: bool = False) -> None:

@@ -30,6 +30,9 @@ class ModelSpec:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     # Adam's peak learning rate when the user gives none.
     lr: float = 1e-3
+    # The top-level module that maps features to classes: replaced when fine-tuning from
+    # weights trained for other classes, trained alone with --head-epochs / --freeze-backbone.
+    head: str = "head"
 
     @property
     def preprocessing(self) -> dict:
@@ -45,16 +48,16 @@ def register(spec: ModelSpec) -> None:
 
 # A dense layer on flattened features has a huge fan-in (16,384 at 64 px): Adam's early,
 # gradient-size-blind steps of about lr per weight then swamp it at 1e-3.
-register(ModelSpec("lightnetcell", LightNetCell, lr=3e-4))
+register(ModelSpec("lightnetcell", LightNetCell, lr=3e-4, head="fc2"))
 register(ModelSpec("brin", BRIN))
 register(ModelSpec("hybrid_vit", HybridViT))
 # torchvision's architectures and input normalization, so its ImageNet checkpoints load and see
 # what they were trained on.
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-register(ModelSpec("resnet18", ResNet18, **IMAGENET))
-register(ModelSpec("resnet34", ResNet34, **IMAGENET))
-register(ModelSpec("resnet50", ResNet50, **IMAGENET))
-register(ModelSpec("densenet121", DenseNet121, **IMAGENET))
+register(ModelSpec("resnet18", ResNet18, head="fc", **IMAGENET))
+register(ModelSpec("resnet34", ResNet34, head="fc", **IMAGENET))
+register(ModelSpec("resnet50", ResNet50, head="fc", **IMAGENET))
+register(ModelSpec("densenet121", DenseNet121, head="classifier", **IMAGENET))
 
 
 def names() -> list[str]:

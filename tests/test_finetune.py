@@ -1,0 +1,43 @@
+"""Transfer learning from a torchvision-format checkpoint: head replaced, head-first schedule."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import torch_ref
+from jaxcell import data
+from jaxcell.train import TrainConfig, local, make_optimizer, train
+
+
+def test_finetune_resnet18_from_a_torchvision_file(tmp_path):
+    torch.manual_seed(0)
+    pretrained = torch_ref.create("resnet18", num_classes=1000)  # torchvision's keys and 1000-class head
+    path = str(tmp_path / "resnet18-random.pth")
+    torch.save(pretrained.state_dict(), path)
+    smears = data.load(None, image_size=32, seed=0, synthetic_examples=48)
+    config = TrainConfig(model="resnet18", image_size=32, epochs=2, batch_size=8, seed=0, init_from=path,
+                         head_epochs=1, augment=False)
+    messages = []
+    result = train(config, smears, str(tmp_path / "run"), progress=False, log=messages.append)
+    assert any("fc re-initialized for 4 classes" in m for m in messages)
+    params = jax.tree.map(local, result.state.params)
+    assert params["fc"]["kernel"].shape == (512, 4)
+    conv1 = pretrained.state_dict()["conv1.weight"].numpy().transpose(2, 3, 1, 0)
+    moved = np.abs(params["conv1"]["kernel"] - conv1).max()
+    assert 0 < moved < 0.05  # started from the file, then fine-tuned at a tenth of the rate
+    assert np.isfinite(result.history[-1]["train_loss"])
+
+
+def test_head_epochs_and_freezing_hold_the_backbone():
+    params = {"conv1": {"kernel": jnp.ones((3, 3))}, "fc": {"kernel": jnp.ones((2, 2))}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    for config, steps_frozen in [(TrainConfig(model="resnet18", lr=0.1, head_epochs=2, warmup_steps=0), 4),
+                                 (TrainConfig(model="resnet18", lr=0.1, freeze_backbone=True, warmup_steps=0), 10)]:
+        tx = make_optimizer(config, total_steps=10, steps_per_epoch=2)
+        state = tx.init(params)
+        for step in range(10):
+            updates, state = tx.update(grads, state, params)
+            assert float(jnp.abs(updates["fc"]["kernel"]).max()) > 0
+            backbone_moves = float(jnp.abs(updates["conv1"]["kernel"]).max()) > 0
+            assert backbone_moves == (step >= steps_frozen), (config, step)
