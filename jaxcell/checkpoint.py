@@ -38,9 +38,10 @@ class Checkpoints:
     def best_step(self) -> int | None:
         return self.manager.best_step() or self.manager.latest_step()
 
-    def restore(self, template, which: str | int = "best"):
+    def restore(self, template, which: str | int = "best", partial: bool = False):
         """Restore into the structure and shardings of `template` ("best", "last" or a step); the
-        template may be arrays or jax.ShapeDtypeStruct with shardings."""
+        template may be arrays or jax.ShapeDtypeStruct with shardings. partial: the template may
+        name a subset of what was saved (inference needs no optimizer state)."""
         self.manager.wait_until_finished()
         step = {"best": self.best_step, "last": self.latest_step}.get(which, lambda: which)()
         if step is None:
@@ -49,7 +50,12 @@ class Checkpoints:
             raise UserError(f"no checkpoint for step {step} in {self.directory}; "
                             f"there are: {self.manager.all_steps()}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        if partial:  # StandardRestore has no partial mode; PyTreeRestore reads the same files
+            restore = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                             partial_restore=True)
+        else:
+            restore = ocp.args.StandardRestore(abstract)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=restore))
         return restored.state
 
     def close(self) -> None:

@@ -579,11 +579,16 @@ def restore_for_inference(workdir: str, which: str = "best", devices=None):
     placement = Placement.over(devices)
     config = TrainConfig(**record["train"])
     tx = make_optimizer(config)
-    template = abstract_state(model, tx, config.image_size, placement.replicated)
+    # Parameters and statistics only: inference needs no optimizer state, and does not depend on
+    # the optimizer the run was trained with.
+    full = abstract_state(model, tx, config.image_size, placement.replicated)
+    template = {"step": full.step, "params": full.params, "batch_stats": full.batch_stats}
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
     try:
-        state = checkpoints.restore(template, which)
+        restored = checkpoints.restore(template, which, partial=True)
     finally:
         checkpoints.close()
+    state = TrainState(step=restored["step"], apply_fn=model.apply, params=restored["params"], tx=tx,
+                       opt_state=None, batch_stats=restored["batch_stats"])
     _, eval_step = compile_steps(placement, record["preprocessing"])
     return state, record, eval_step, placement
