@@ -113,7 +113,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
 
     import jaxcell.train as trainer
 
-    poisoned = lambda cfg, total_steps=1: optax.chain(optax.adam(cfg.lr),  # noqa: E731  4th update NaN
+    poisoned = lambda cfg, *_: optax.chain(optax.adam(cfg.lr),  # noqa: E731  the 4th update is NaN
                                        optax.scale_by_schedule(lambda n: jnp.where(n == 3, jnp.nan, 1.0)))
     monkeypatch.setattr(trainer, "make_optimizer", poisoned)
     workdir = str(tmp_path / "nan")

@@ -180,7 +180,9 @@ def train(args: argparse.Namespace, dataset, preprocessing: dict, log=print) -> 
                   "synthetic_examples": args.synthetic_examples, "checkpoint_every": 0,
                   "augment": not args.no_augment, "stain_jitter": args.stain_jitter,
                   "color_jitter": args.color_jitter, "precision": "fp32", "schedule": args.schedule,
-                  "warmup_steps": args.warmup_steps},
+                  "warmup_steps": args.warmup_steps,
+                  # fine-tuning is jaxcell's alone: from scratch here
+                  "init_from": None, "freeze_backbone": False, "head_epochs": 0, "backbone_lr_scale": None},
         "framework": "torch",
     }
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
