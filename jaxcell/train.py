@@ -291,37 +291,6 @@ def compiler_options(placement: Placement) -> dict | None:
     return dict(CPU_COMPILER_OPTIONS) if _cpu_options_ok["ok"] else None
 
 
-def retain_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for reuse instead of returning it to the system.
-
-    XLA:CPU allocates each step's temporaries afresh, in blocks too large for glibc's heaps, so
-    they are mmap-ed and unmapped every step and every page faults in again: 170 MB a step for
-    ResNet18's training step at 64 px, batch 32, about 15% of its time (PyTorch's steps fault
-    almost nothing). One arena without mmap reuses the pages. Takes full effect only before
-    JAX's first computation (its threads bind to an arena on their first allocation); the
-    process then keeps its peak memory. JAXCELL_MALLOC=system leaves malloc alone. Returns
-    whether the settings were applied (glibc only).
-    """
-    if os.environ.get("JAXCELL_MALLOC", "") == "system":
-        return False
-    if _malloc_tuned:
-        return _malloc_tuned[0]
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-        ok = all(libc.mallopt(option, value) == 1 for option, value in
-                 ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 1 << 30)))
-    except (OSError, AttributeError):  # not glibc
-        ok = False
-    _malloc_tuned.append(ok)
-    return ok
-
-
-_malloc_tuned: list[bool] = []
-
-
 def compile_steps(placement: Placement, preprocessing: dict, augment: dict | None = None, precision: str = "fp32"):
     rep, bat = placement.replicated, placement.batch
     options = compiler_options(placement)
@@ -448,7 +417,6 @@ class _StopSignals:
 
 def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, resume: bool = False,
           overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
-    retain_freed_memory()  # before the first step allocates: see its docstring
     placement = Placement.over(devices)
     if config.batch_size % placement.size:
         raise UserError(f"--batch-size {config.batch_size} is not a multiple of the {placement.size} devices")

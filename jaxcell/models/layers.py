@@ -2,11 +2,13 @@
 torch twin computes (see DESIGN.md section 4): explicit symmetric padding, torch's
 BatchNorm semantics, exact GELU."""
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def conv(features: int, kernel: int = 3, stride: int = 1, dilation: int = 1, groups: int = 1,
@@ -18,7 +20,120 @@ def conv(features: int, kernel: int = 3, stride: int = 1, dilation: int = 1, gro
     p = dilation * (kernel - 1) // 2 if padding is None else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
                    kernel_dilation=(dilation, dilation), feature_group_count=groups, use_bias=bias,
-                   dtype=dtype, name=name)
+                   dtype=dtype, name=name, conv_general_dilated=conv_general_dilated)
+
+
+# Workarounds for XLA:CPU (docs/benchmarks.md): the same functions and gradients, in forms that
+# XLA:CPU runs fast. None: whenever JAX's default backend is the CPU (they are not measured on
+# GPUs yet); True / False: always / never.
+XLA_CPU_WORKAROUNDS: bool | None = None
+
+
+def _cpu_workarounds() -> bool:
+    return XLA_CPU_WORKAROUNDS if XLA_CPU_WORKAROUNDS is not None else jax.default_backend() == "cpu"
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """lax.conv_general_dilated; on CPU, a plain NHWC/HWIO convolution goes to `_cpu_conv`, which
+    computes the same values and gradients in forms that XLA:CPU runs fast."""
+    rhs_dilation = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
+    if (_cpu_workarounds() and lhs.ndim == 4 and feature_group_count == 1 and not kwargs
+            and tuple(lhs_dilation or (1, 1)) == (1, 1) and not isinstance(padding, str)
+            and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+        out = [(n + lo + hi - (k - 1) * d - 1) // s + 1
+               for n, (lo, hi), k, d, s in zip(lhs.shape[1:3], padding, rhs.shape[:2], rhs_dilation, window_strides)]
+        taps = rhs.shape[0] * rhs.shape[1]
+        # XLA's ConvOperandSwapper swaps the operands of a convolution whose kernel has more taps
+        # than its input has pixels (ResNet's last stage at 64 px: 3x3 kernels on 2x2 maps; also
+        # the input gradient of a convolution with such an output). XLA:CPU has no library kernel
+        # for the swapped layout and loops: 270 ms for PyTorch's 4 (3x3, 512 channels, 2x2, batch
+        # 32). Explicit zeros keep every operand at least as large as the kernel.
+        explicit = lhs.shape[1] * lhs.shape[2] < taps or out[0] * out[1] < taps
+        if taps * lhs.size <= rhs.size:
+            # Maps this small against the kernel (ResNet's last stage at 64 px) are cheaper as one
+            # matrix product with their patches: no kernel transposes, nothing for XLA to swap.
+            return _patches_conv(lhs, rhs, tuple(window_strides), padding, rhs_dilation, precision)
+        return _cpu_conv(lhs, rhs, tuple(window_strides), padding, rhs_dilation, precision, explicit)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                    feature_group_count=feature_group_count, precision=precision, **kwargs)
+
+
+def _patches_conv(x, w, strides, padding, dilation, precision):
+    """The convolution as patches (N, Ho, Wo, kh * kw * Cin) times the kernel (kh * kw * Cin, Cout);
+    autodiff turns it into two more products and the sum of the patches' shifted gradients."""
+    kh, kw, cin, cout = w.shape
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+    (s1, s2), (d1, d2) = strides, dilation
+    ho = (xp.shape[1] - (kh - 1) * d1 - 1) // s1 + 1
+    wo = (xp.shape[2] - (kw - 1) * d2 - 1) // s2 + 1
+    taps = [lax.slice(xp, (0, i * d1, j * d2, 0), (x.shape[0], i * d1 + (ho - 1) * s1 + 1, j * d2 + (wo - 1) * s2 + 1, cin),
+                      (1, s1, s2, 1)) for i in range(kh) for j in range(kw)]
+    return lax.dot_general(jnp.concatenate(taps, axis=-1), w.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
+                           precision=precision)
+
+
+def _zeros_around(x, pads):
+    """lax.pad with zeros; the barrier keeps XLA from folding them back into a convolution's padding."""
+    return lax.optimization_barrier(lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *pads, (0, 0, 0))))
+
+
+def _forward(x, w, strides, padding, dilation, precision, explicit):
+    if explicit:
+        return lax.conv_general_dilated(_zeros_around(x, [(lo, hi, 0) for lo, hi in padding]), w, strides,
+                                        "VALID", rhs_dilation=dilation, dimension_numbers=_NHWC, precision=precision)
+    return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=_NHWC,
+                                    precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _cpu_conv(x, w, strides, padding, dilation, precision, explicit):
+    return _forward(x, w, strides, padding, dilation, precision, explicit)
+
+
+def _cpu_conv_fwd(x, w, strides, padding, dilation, precision, explicit):
+    return _forward(x, w, strides, padding, dilation, precision, explicit), (x, w)
+
+
+def _cpu_conv_bwd(strides, padding, dilation, precision, explicit, residuals, dy):
+    x, w = residuals
+    _, w_vjp = jax.vjp(lambda w: _forward(x, w, strides, padding, dilation, precision, explicit), w)
+    (dw,) = w_vjp(dy)
+    # dL/dx: the full correlation of dy, spread out by the stride, with the kernel flipped in
+    # space and transposed in channels. XLA fuses a flip with a transpose into a slow loop (10 ms
+    # for a 3x3x512x512 kernel, 2.5 ms for the transpose alone; a flip of maps costs about what
+    # a transpose does), so unless the maps are 4x the kernel they are flipped instead:
+    # flip(correlate(flip(dy), w)) is the same sum.
+    pads = []
+    for axis, k, s, d, (lo, _) in zip((1, 2), w.shape[:2], strides, dilation, padding):
+        k_eff = (k - 1) * d + 1
+        before = k_eff - 1 - lo
+        after = x.shape[axis] + k_eff - 1 - ((dy.shape[axis] - 1) * s + 1) - before
+        pads.append((before, after, s - 1))
+    kernel = jnp.transpose(w, (0, 1, 3, 2))
+    flip_maps = dy.size + x.size < 4 * w.size
+    if flip_maps:
+        dy = jnp.flip(dy, (1, 2))
+        pads = [(after, before, interior) for before, after, interior in pads]
+    else:
+        kernel = jnp.flip(kernel, (0, 1))
+    if explicit:  # negative pads crop
+        dx = lax.conv_general_dilated(_zeros_around(dy, pads), kernel, (1, 1), "VALID", rhs_dilation=dilation,
+                                      dimension_numbers=_NHWC, precision=precision)
+    else:
+        dx = lax.conv_general_dilated(dy, kernel, (1, 1), [(b, a) for b, a, _ in pads], lhs_dilation=strides,
+                                      rhs_dilation=dilation, dimension_numbers=_NHWC, precision=precision)
+    if flip_maps:
+        dx = jnp.flip(dx, (1, 2))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
 
 
 class BatchNorm(nn.Module):
@@ -60,9 +175,71 @@ class BatchNorm(nn.Module):
 
 
 def max_pool(x: jax.Array, window: int = 2, stride: int | None = None, padding: int = 0) -> jax.Array:
-    """torch.nn.MaxPool2d (floor mode; padding counts as -inf)."""
+    """torch.nn.MaxPool2d (floor mode; padding counts as -inf).
+
+    The gradient goes to the first maximum of each window, as in torch and in XLA's
+    select_and_scatter. XLA:CPU rewrites select_and_scatter into a variadic reduce_window over
+    four full-size index arrays and a scatter, which costs more than the convolutions around
+    it; on CPU the same gradient comes from `_max_pool_first_max`, a few elementwise ops.
+    """
     s = stride or window
-    return nn.max_pool(x, (window, window), strides=(s, s), padding=((padding, padding), (padding, padding)))
+    pads = ((padding, padding), (padding, padding))
+    if _cpu_workarounds():
+        return _max_pool_first_max(x, window, s, pads)
+    return nn.max_pool(x, (window, window), strides=(s, s), padding=pads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_first_max(x: jax.Array, window: int, stride: int, pads) -> jax.Array:
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+
+
+def _max_pool_first_max_fwd(x, window, stride, pads):
+    y = _max_pool_first_max(x, window, stride, pads)
+    return y, (x, y)
+
+
+def _first_hits(taps: list[jax.Array], y: jax.Array) -> list[jax.Array]:
+    """Per tap, where it holds its window's first maximum (a NaN counts as the maximum)."""
+    taken = jnp.zeros(y.shape, bool)
+    firsts = []
+    for t in taps:
+        hit = ((t == y) | jnp.isnan(t)) & ~taken
+        firsts.append(hit)
+        taken = taken | hit
+    return firsts
+
+
+def _max_pool_first_max_bwd(window, stride, pads, residuals, dy):
+    x, y = residuals
+    (n, ho, wo, c), k, zero = y.shape, window, jnp.zeros((), dy.dtype)
+    if stride == k and pads == ((0, 0), (0, 0)):
+        # Disjoint windows, seen as axes of x: a select against dy broadcast over them.
+        xw = x[:, :ho * k, :wo * k].reshape(n, ho, k, wo, k, c)
+        firsts = _first_hits([xw[:, :, i, :, j, :] for i in range(k) for j in range(k)], y)
+        mask = jnp.stack(firsts, axis=-2).reshape(n, ho, wo, k, k, c).transpose(0, 1, 3, 2, 4, 5)
+        dx = jnp.where(mask, dy[:, :, None, :, None, :], zero).reshape(n, ho * k, wo * k, c)
+        dx = lax.pad(dx, zero, ((0, 0, 0), (0, x.shape[1] - ho * k, 0), (0, x.shape[2] - wo * k, 0), (0, 0, 0)))
+    else:
+        # Overlapping windows: each tap's share of dy, spread back to where the tap reads.
+        xp = lax.pad(x, jnp.asarray(-jnp.inf, x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+        offsets = [(i, j) for i in range(k) for j in range(k)]
+        span = lambda i, h: (i, i + (h - 1) * stride + 1)  # noqa: E731
+        taps = [lax.slice(xp, (0, span(i, ho)[0], span(j, wo)[0], 0), (n, span(i, ho)[1], span(j, wo)[1], c),
+                          (1, stride, stride, 1)) for i, j in offsets]
+        dxp = None
+        for (i, j), hit in zip(offsets, _first_hits(taps, y)):
+            part = lax.pad(jnp.where(hit, dy, zero), zero,
+                           ((0, 0, 0), (i, xp.shape[1] - span(i, ho)[1], stride - 1),
+                            (j, xp.shape[2] - span(j, wo)[1], stride - 1), (0, 0, 0)))
+            dxp = part if dxp is None else dxp + part
+        dx = dxp[:, pads[0][0]:pads[0][0] + x.shape[1], pads[1][0]:pads[1][0] + x.shape[2]]
+    # Materialized once: fused into the reductions of the BatchNorm gradient that follows, the
+    # k*k spread parts would be recomputed by each of them (4x the work, measured on ResNet18).
+    return (lax.optimization_barrier(dx),)
+
+
+_max_pool_first_max.defvjp(_max_pool_first_max_fwd, _max_pool_first_max_bwd)
 
 
 def flatten_like_torch(x: jax.Array) -> jax.Array:

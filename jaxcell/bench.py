@@ -1,0 +1,560 @@
+"""Throughput of a training step and of inference: jaxcell (JAX) against its torch_ref twin,
+PyTorch eager and torch.compile, in one run on one machine.
+
+    jaxcell bench --model resnet18 --image-size 224 --batch-size 64 --precision bf16 --json out.json
+    rows = run(BenchConfig(model="lightnetcell", image_size=64, batch_size=32))["results"]
+
+Both frameworks compute the same function on the same data (DESIGN.md section 6): the torch
+twin's random weights converted to flax with parity.convert.torch_to_flax, one batch of random
+uint8 images and labels, normalized inside the step by each framework's own code; a training
+step is softmax cross-entropy and Adam (lr 1e-3, optax's defaults = torch's) with BatchNorm in
+train mode, jaxcell's real train step (jaxcell.train.compile_steps) against the usual torch loop
+(zero_grad, backward, step). Inference is the forward pass in eval mode. Precision "bf16":
+JAX casts parameters and inputs to bfloat16 for the pass (float32 master weights, Adam and BN
+statistics), torch runs under torch.autocast(bfloat16). "fp32": float32 with TF32 tensor-core
+math allowed in both on GPUs (JAX's default; torch is set to match).
+
+Timing: `warmup` steps (the first one compiles and is reported as compile_s), then `steps`
+steps, each synchronized (block_until_ready / torch.cuda.synchronize); the median counts. On
+CPU the runners are interleaved step by step, so that a busy machine slows all of them alike;
+on a GPU they run one after another (torch first), each releasing its memory before the next.
+
+FLOPs: the forward pass per image from XLA's cost analysis (jaxcell.summary); a training step
+counts 3x that (forward, and a backward of twice the forward). MFU divides the achieved rate
+by the chip's dense peak (PEAK_TFLOPS; none for CPUs). Device counts above 1 are JAX only
+(data parallel over a Mesh, the per-device batch fixed): weak scaling.
+
+Frameworks: "jax", "torch", "torch-compile", and "jax-baseline": jaxcell's step without its CPU
+adaptations (XLA's default compiler options, the max-pool gradient XLA derives itself), for
+before/after comparisons (docs/benchmarks.md); on GPUs it is the same as "jax". A runner that fails (torch.compile without a working C++ compiler, out of
+memory) is recorded with its error; the others go on.
+
+Needs jax, flax, optax, torch and numpy; nothing here imports a data package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+# PyTorch's OpenMP threads spin after each parallel region by default. On a CPU shared with XLA's
+# thread pool (or anything else) the spinning threads take the cores from whoever works next:
+# a small torch step measured 25x slower with JAX in the same process, 6x slower on a machine
+# busy with other processes. Sleeping threads measure what each framework computes. This takes
+# effect only if torch is imported after this module (the CLI does so); an explicit
+# OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+FRAMEWORKS = ("jax", "torch", "torch-compile", "jax-baseline")
+MODES = ("train", "infer")
+PRECISIONS = ("fp32", "bf16")
+TRAIN_FLOPS_FACTOR = 3  # forward + backward (input and weight gradients, each about one forward)
+
+# Dense (no sparsity) peak TFLOP/s by device name; fp32 means TF32 tensor-core math, which both
+# frameworks use for float32 convolutions and matmuls on these chips. First match wins.
+PEAK_TFLOPS: tuple[tuple[tuple[str, ...], dict[str, float]], ...] = (
+    (("h200", "nvl"), {"bf16": 835.0, "fp32": 418.0}),
+    (("h200",), {"bf16": 989.4, "fp32": 494.7}),
+    (("h100", "nvl"), {"bf16": 835.0, "fp32": 418.0}),
+    (("h100", "pcie"), {"bf16": 756.0, "fp32": 378.0}),
+    (("h100",), {"bf16": 989.4, "fp32": 494.7}),
+    (("a100",), {"bf16": 312.0, "fp32": 156.0}),
+)
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    name = device_name.lower()
+    for keys, peaks in PEAK_TFLOPS:
+        if all(k in name for k in keys):
+            return peaks.get(precision)
+    return None
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    model: str
+    image_size: int = 224
+    batch_size: int = 32                    # per device
+    frameworks: Sequence[str] = ("jax", "torch", "torch-compile")
+    modes: Sequence[str] = MODES
+    precisions: Sequence[str] = ("fp32",)
+    steps: int = 10
+    warmup: int = 2
+    devices: Sequence[int] = (1,)           # JAX device counts; counts above those present are left out
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    lr: float = 1e-3
+    interleave: bool | None = None          # None: on CPU yes, on a GPU no
+    deadline: float | None = None           # time.time() after which no runner starts (recorded as skipped)
+
+
+@dataclasses.dataclass
+class _Runner:
+    framework: str
+    mode: str
+    precision: str
+    devices: int
+    batch_size: int
+    build: Callable[[], tuple[Callable[[], None], Callable[[], None]]]  # -> (one synced step, release)
+    device_name: str = ""
+    step: Callable[[], None] | None = None
+    release: Callable[[], None] | None = None
+    times: list = dataclasses.field(default_factory=list)
+    compile_s: float | None = None
+    error: str | None = None
+
+    def start(self, warmup: int) -> None:
+        try:
+            self.step, self.release = self.build()
+            t = time.perf_counter()
+            self.step()
+            self.compile_s = time.perf_counter() - t
+            for _ in range(max(warmup - 1, 0)):
+                self.step()
+        except Exception as exc:  # noqa: BLE001  (recorded; the other runners go on)
+            self.fail(exc)
+
+    def time_one(self) -> None:
+        if self.error is not None:
+            return
+        try:
+            t = time.perf_counter()
+            self.step()
+            self.times.append(time.perf_counter() - t)
+        except Exception as exc:  # noqa: BLE001
+            self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        text = f"{type(exc).__name__}: {exc}".strip()
+        self.error = text if len(text) <= 600 else text[:600] + " ..."
+        self.close()
+
+    def close(self) -> None:
+        if self.release is not None:
+            self.release()
+        self.step = self.release = None
+
+
+# ---------------------------------------------------------------------------------------------
+
+def cpu_name() -> str:
+    name = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({_cpu_threads()} threads)"
+
+
+def _cpu_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _short(kind: str) -> str:
+    return kind if kind.lower() != "cpu" else cpu_name()
+
+
+def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
+    """Measure every (precision, framework, mode, device count) of `cfg`: {"results", "environment"}."""
+    import jax
+    import torch
+
+    from jaxcell import models
+    from jaxcell.errors import UserError
+    from jaxcell.summary import summarize
+
+    models.spec(cfg.model)  # unknown names: a UserError listing the known ones
+    for what, given, known in (("framework", cfg.frameworks, FRAMEWORKS), ("mode", cfg.modes, MODES),
+                               ("precision", cfg.precisions, PRECISIONS)):
+        bad = [g for g in given if g not in known]
+        if bad:
+            raise UserError(f"unknown {what} {bad[0]!r}; choose from {', '.join(known)}")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise UserError("--steps and --batch-size must be positive")
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        torch.set_num_threads(_cpu_threads())  # XLA uses every core it is given; so does torch
+    else:
+        torch.backends.cudnn.benchmark = True   # XLA autotunes its kernels too
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    jax_platform = jax.devices()[0].platform
+    interleave = cfg.interleave if cfg.interleave is not None else jax_platform == "cpu" and not on_gpu
+    counts = sorted({d for d in cfg.devices if 1 <= d <= jax.device_count()})
+    left_out = sorted(set(cfg.devices) - set(counts))
+    if left_out:
+        log(f"bench: device counts {left_out} left out: {jax.device_count()} JAX device(s) present")
+    with _layer_defaults(True):  # the model's own FLOPs, not those of its XLA:CPU workarounds' forms
+        flops = summarize(cfg.model, cfg.image_size, **cfg.model_kwargs)["flops_per_image"]
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    runners: list[_Runner] = []
+    for precision in cfg.precisions:
+        setup = _Setup(cfg, precision, max(counts or [1]))
+        for mode in cfg.modes:
+            for fw in cfg.frameworks:
+                if fw.startswith("jax"):
+                    for d in counts:
+                        runners.append(_Runner(fw, mode, precision, d, cfg.batch_size * d,
+                                               setup.jax_builder(fw, mode, d),
+                                               device_name=_short(jax.devices()[0].device_kind)))
+                else:
+                    runners.append(_Runner(fw, mode, precision, 1, cfg.batch_size, setup.torch_builder(fw, mode),
+                                           device_name=torch.cuda.get_device_name() if on_gpu else cpu_name()))
+    if not interleave:  # torch first: its cached memory is released before JAX's allocator grows
+        runners.sort(key=lambda r: (r.precision, r.framework.startswith("jax")))
+
+    def expired() -> bool:
+        return cfg.deadline is not None and time.time() > cfg.deadline
+
+    if interleave:
+        for r in runners:
+            if expired():
+                r.error = "skipped: time budget spent"
+                continue
+            log(f"bench: {cfg.model} {r.framework} {r.mode} {r.precision} x{r.devices}: compiling")
+            r.start(cfg.warmup)
+        for _ in range(cfg.steps):
+            for r in runners:
+                r.time_one()
+        for r in runners:
+            r.close()
+    else:
+        for r in runners:
+            if expired():
+                r.error = "skipped: time budget spent"
+                continue
+            log(f"bench: {cfg.model} {r.framework} {r.mode} {r.precision} x{r.devices}")
+            r.start(cfg.warmup)
+            for _ in range(cfg.steps):
+                r.time_one()
+            r.close()
+
+    results = [_row(cfg, r, flops) for r in runners]
+    _add_ratios(results)
+    env = {
+        "jax": jax.__version__, "torch": torch.__version__, "jax_platform": jax_platform,
+        "jax_devices": jax.device_count(), "torch_device": "cuda" if on_gpu else "cpu",
+        "torch_threads": torch.get_num_threads(), "interleaved": interleave,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "xla_compiler_options": _jax_options_used(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return {"results": results, "environment": env}
+
+
+def _jax_options_used():
+    import jax
+
+    from jaxcell import train
+
+    return train.compiler_options(train.Placement.over(jax.devices()[:1]))
+
+
+def _row(cfg: BenchConfig, r: _Runner, flops: float) -> dict:
+    row = {"framework": r.framework, "model": cfg.model, "mode": r.mode, "image_size": cfg.image_size,
+           "batch_size": r.batch_size, "per_device_batch": cfg.batch_size, "precision": r.precision,
+           "devices": r.devices, "images_per_s": None, "step_ms_median": None, "step_ms_min": None,
+           "steps": len(r.times), "flops_per_image": flops,
+           "flops_factor": TRAIN_FLOPS_FACTOR if r.mode == "train" else 1,
+           "achieved_tflops": None, "peak_tflops": peak_tflops(r.device_name, r.precision), "mfu": None,
+           "device_name": r.device_name, "compile_s": r.compile_s, "error": r.error,
+           "model_kwargs": cfg.model_kwargs}
+    if r.error is None and r.times:
+        median = statistics.median(r.times)
+        ips = r.batch_size / median
+        achieved = ips * flops * row["flops_factor"] / 1e12
+        row.update(images_per_s=ips, step_ms_median=median * 1e3, step_ms_min=min(r.times) * 1e3,
+                   achieved_tflops=achieved)
+        if row["peak_tflops"]:
+            row["mfu"] = achieved / row["peak_tflops"] / r.devices
+    return row
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """Per row: images/s over torch eager's and torch.compile's (same mode and precision, one
+    device), and for JAX at several devices the weak-scaling efficiency against one device."""
+    def find(like, fw):
+        key = lambda r: (r["model"], r["image_size"], r["per_device_batch"], r["mode"], r["precision"])  # noqa: E731
+        return next((r for r in rows if key(r) == key(like) and r["framework"] == fw and r["devices"] == 1
+                     and r["images_per_s"]), None)
+
+    for r in rows:
+        for key, fw in (("vs_torch", "torch"), ("vs_torch_compile", "torch-compile")):
+            base = find(r, fw)
+            r[key] = r["images_per_s"] / base["images_per_s"] if r["images_per_s"] and base else None
+        one = find(r, r["framework"]) if r["framework"].startswith("jax") else None
+        r["scaling_efficiency"] = (r["images_per_s"] / (r["devices"] * one["images_per_s"])
+                                   if one and r["images_per_s"] else None)
+
+
+class _Setup:
+    """What every runner of one precision shares: the weights (torch init, converted) and the data."""
+
+    def __init__(self, cfg: BenchConfig, precision: str, max_devices: int):
+        import torch
+
+        import torch_ref
+        from parity.convert import torch_to_flax
+
+        self.cfg, self.precision = cfg, precision
+        kw = dict(num_classes=4, image_size=cfg.image_size, **cfg.model_kwargs)
+        self.kw = kw
+        torch.manual_seed(cfg.seed)
+        self.torch_model = torch_ref.create(cfg.model, **kw).eval()
+        variables = torch_to_flax(cfg.model, self.torch_model.state_dict(), **kw)
+        self.variables = {k: _to_numpy(v) for k, v in variables.items()}  # fresh device copies per runner
+        rng = np.random.default_rng(cfg.seed)
+        n = cfg.batch_size * max_devices
+        self.images = rng.integers(0, 256, (n, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+        self.labels = rng.integers(0, kw["num_classes"], (n,)).astype(np.int32)
+
+    # --- JAX -------------------------------------------------------------------------------
+
+    def jax_builder(self, framework: str, mode: str, devices: int):
+        def build():
+            import jax
+            import optax
+
+            from jaxcell import models, train
+
+            cfg, precision = self.cfg, self.precision
+            placement = train.Placement.over(jax.devices()[:devices])
+            model = models.create(cfg.model, **self.kw)
+            pre = models.spec(cfg.model).preprocessing
+            baseline = framework == "jax-baseline"
+            options = None if baseline else train.compiler_options(placement)
+            n = cfg.batch_size * devices
+            images = placement.put_batch(self.images[:n])
+            if mode == "train":
+                rep, bat = placement.replicated, placement.batch
+                if not baseline:
+                    step, _ = train.compile_steps(placement, pre, None, precision)
+                else:
+                    step = jax.jit(train.make_train_step(pre, None, precision), in_shardings=(rep, bat, rep),
+                                   out_shardings=(rep, rep), donate_argnums=0)
+                tx = optax.adam(cfg.lr)  # plain Adam, as torch's; jaxcell train adds a schedule
+                state = train.TrainState.create(apply_fn=model.apply, params=self.variables["params"], tx=tx,
+                                                batch_stats=self.variables.get("batch_stats", {}))
+                holder = [jax.device_put(state, rep)]
+                batch = {"image": images, "label": placement.put_batch(self.labels[:n])}
+                key = jax.random.key(cfg.seed)
+                with _layer_defaults(baseline):  # traced and compiled here, ahead of the first step
+                    step = step.lower(holder[0], batch, key).compile()
+
+                def one():
+                    holder[0], metrics = step(holder[0], batch, key)
+                    jax.block_until_ready((holder[0], metrics))
+            else:
+                forward = jax.jit(_jax_infer(model, pre, precision), in_shardings=(placement.replicated, placement.batch),
+                                  compiler_options=options)
+                holder = [jax.device_put(self.variables, placement.replicated)]
+                with _layer_defaults(baseline):
+                    forward = forward.lower(holder[0], images).compile()
+
+                def one():
+                    jax.block_until_ready(forward(holder[0], images))
+
+            def release():
+                holder.clear()
+
+            return one, release
+
+        return build
+
+    # --- torch -----------------------------------------------------------------------------
+
+    def torch_builder(self, framework: str, mode: str):
+        def build():
+            import torch
+            import torch.nn.functional as F
+
+            from jaxcell import models
+
+            cfg = self.cfg
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            model = copy.deepcopy(self.torch_model).to(device)
+            net = torch.compile(model) if framework == "torch-compile" else model
+            pre = models.spec(cfg.model).preprocessing
+            mean = torch.tensor(pre["mean"], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+            std = torch.tensor(pre["std"], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+            images = torch.from_numpy(self.images[:cfg.batch_size]).to(device).permute(0, 3, 1, 2).contiguous()
+            labels = torch.from_numpy(self.labels[:cfg.batch_size]).long().to(device)
+            bf16 = self.precision == "bf16"
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+            def prepare():
+                return (images.float() / 255.0 - mean) / std
+
+            if mode == "train":
+                model.train()
+                opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+                def one():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        logits = net(prepare())
+                    loss = F.cross_entropy(logits.float(), labels)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sync()
+            else:
+                model.eval()
+
+                def one():
+                    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        net(prepare())
+                    sync()
+
+            def release():
+                nonlocal model, net
+                model = net = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+            return one, release
+
+        return build
+
+
+@contextlib.contextmanager
+def _layer_defaults(baseline: bool):
+    """For "jax-baseline": trace without jaxcell.models.layers' XLA:CPU workarounds."""
+    from jaxcell.models import layers
+
+    saved = layers.XLA_CPU_WORKAROUNDS
+    layers.XLA_CPU_WORKAROUNDS = False if baseline else saved
+    try:
+        yield
+    finally:
+        layers.XLA_CPU_WORKAROUNDS = saved
+
+
+def _to_numpy(tree):
+    import jax
+
+    return jax.tree.map(np.asarray, tree)
+
+
+def _jax_infer(model, preprocessing: dict, precision: str):
+    from jaxcell import train
+
+    compute = train.COMPUTE_DTYPES[precision]
+
+    def infer(variables, images):
+        v = {**variables, "params": train.cast_floats(variables["params"], compute)}
+        return model.apply(v, train.prepare(images, preprocessing).astype(compute), train=False)
+
+    return infer
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports.
+
+def _fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def markdown(report: dict) -> str:
+    rows = report["results"]
+    if not rows:
+        return ""
+    r0 = rows[0]
+    devices = sorted({r["device_name"] for r in rows})
+    lines = [f"### {r0['model']}, {r0['image_size']} px, batch {r0['per_device_batch']} per device",
+             "", f"Device: {'; '.join(devices)}.", "",
+             "| framework | mode | precision | devices | batch | images/s | step ms (median) | GFLOP/image "
+             "| TFLOP/s | MFU | x torch | x torch.compile |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"| {r['framework']} | {r['mode']} | {r['precision']} | {r['devices']} | {r['batch_size']} "
+                         f"| error: {r['error'].splitlines()[0][:120]} | | | | | | |")
+            continue
+        gflop = r["flops_per_image"] * r["flops_factor"] / 1e9
+        lines.append(
+            f"| {r['framework']} | {r['mode']} | {r['precision']} | {r['devices']} | {r['batch_size']} "
+            f"| {r['images_per_s']:.1f} | {r['step_ms_median']:.1f} | {gflop:.3f} "
+            f"| {_fmt(r['achieved_tflops'], '.3f')} | {_fmt(r['mfu'], '.1%')} "
+            f"| {_fmt(r['vs_torch'], '.2f')} | {_fmt(r['vs_torch_compile'], '.2f')} |")
+    lines += ["", f"GFLOP/image: forward from XLA's cost analysis, x{TRAIN_FLOPS_FACTOR} for a training step. "
+              "x torch: images/s over torch eager's in the same mode and precision."]
+    return "\n".join(lines) + "\n"
+
+
+def merge(reports: list[dict]) -> dict:
+    """Several reports (one per model and pass) as one, the ratios recomputed across them."""
+    rows = [dict(r) for rep in reports for r in rep["results"]]
+    _add_ratios(rows)
+    return {"results": rows, "environment": reports[0]["environment"] if reports else {}}
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """One table for many models: the rows with a result, then the failures and skips."""
+    lines = ["| model | precision | mode | framework | devices | batch | images/s | step ms | TFLOP/s | MFU "
+             "| x torch | x torch.compile |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    order = lambda r: (r["model"], r["precision"], r["mode"], FRAMEWORKS.index(r["framework"]), r["devices"])  # noqa: E731
+    failed = []
+    for r in sorted(rows, key=order):
+        if r["error"]:
+            failed.append(f"- {r['model']} {r['precision']} {r['mode']} {r['framework']} x{r['devices']}: "
+                          f"{r['error'].splitlines()[0][:200]}")
+            continue
+        lines.append(f"| {r['model']} | {r['precision']} | {r['mode']} | {r['framework']} | {r['devices']} "
+                     f"| {r['batch_size']} | {r['images_per_s']:.1f} | {r['step_ms_median']:.1f} "
+                     f"| {_fmt(r['achieved_tflops'], '.2f')} | {_fmt(r['mfu'], '.1%')} "
+                     f"| {_fmt(r['vs_torch'], '.2f')} | {_fmt(r['vs_torch_compile'], '.2f')} |")
+    devices = sorted({r["device_name"] for r in rows})
+    text = f"Devices: {'; '.join(devices)}.\n\n" + "\n".join(lines) + "\n"
+    return text + ("\nNot measured:\n\n" + "\n".join(failed) + "\n" if failed else "")
+
+
+def write(report: dict, json_path: str | None, markdown_path: str | None) -> None:
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    if markdown_path:
+        os.makedirs(os.path.dirname(os.path.abspath(markdown_path)), exist_ok=True)
+        with open(markdown_path, "w") as f:
+            f.write(markdown(report))
+
+
+QUICK = {"image_size": 32, "batch_size": 4, "steps": 2, "warmup": 1, "frameworks": ("jax", "torch")}
+FULL = {"image_size": 224, "batch_size": 32, "steps": 10, "warmup": 2, "frameworks": ("jax", "torch", "torch-compile")}
+
+
+def config_from_args(args) -> BenchConfig:
+    """`jaxcell bench` arguments -> BenchConfig; --quick changes the defaults, not what is given."""
+    base = QUICK if args.quick else FULL
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]  # noqa: E731
+    return BenchConfig(
+        model=args.model, image_size=pick("image_size"), batch_size=pick("batch_size"),
+        frameworks=tuple(pick("frameworks")), modes=tuple(args.modes), precisions=tuple(args.precision),
+        steps=pick("steps"), warmup=pick("warmup"), devices=tuple(args.devices),
+        model_kwargs=dict(args.model_arg), seed=args.seed, deadline=args.deadline)
+
+
+def command(args) -> int:
+    cfg = config_from_args(args)
+    report = run(cfg, log=lambda m: print(m, flush=True))
+    write(report, args.json, args.markdown)
+    print(markdown(report))
+    return 0

@@ -1,0 +1,189 @@
+"""The benchmark harness (jaxcell.bench, bench/gpu.sh) and the XLA:CPU workarounds it measures
+(jaxcell.models.layers: convolutions and max-pool gradients; jaxcell.train.compiler_options)."""
+
+import json
+import os
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax import lax
+
+from jaxcell import bench, train
+from jaxcell.cli import main
+from jaxcell.models import layers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"widths": (8, 16, 16), "hidden": 16}
+
+
+# --- the harness ---------------------------------------------------------------------------------
+
+def test_gpu_script_quick_mode_measures_jax_and_torch(tmp_path):
+    """bench/gpu.sh --quick: one pass on the CPU; every runner gives a throughput, the figures
+    hang together, and JAX also runs on 2 of the 4 virtual devices (weak scaling)."""
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), str(out), "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert not [r for r in rows if r["error"]], (out / "log.txt").read_text()
+    got = {(r["precision"], r["mode"], r["framework"], r["devices"]) for r in rows}
+    want = {(p, m, f, d) for p in ("fp32", "bf16") for m in ("train", "infer")
+            for f, d in (("jax", 1), ("jax", 2), ("torch", 1))}
+    assert got == want
+    torch_ips = {(r["precision"], r["mode"]): r["images_per_s"] for r in rows if r["framework"] == "torch"}
+    for r in rows:
+        assert r["images_per_s"] == pytest.approx(r["batch_size"] / (r["step_ms_median"] / 1e3))
+        assert r["flops_per_image"] > 0 and r["flops_factor"] == (3 if r["mode"] == "train" else 1)
+        assert r["achieved_tflops"] == pytest.approx(r["images_per_s"] * r["flops_per_image"] * r["flops_factor"] / 1e12)
+        assert r["mfu"] is None and r["peak_tflops"] is None  # no peak for CPUs
+        assert r["vs_torch"] == pytest.approx(r["images_per_s"] / torch_ips[(r["precision"], r["mode"])])
+        assert r["batch_size"] == 4 * r["devices"] and r["image_size"] == 32
+        if r["devices"] == 2:
+            assert r["scaling_efficiency"] == pytest.approx(r["images_per_s"] / 2 / next(
+                o["images_per_s"] for o in rows if (o["framework"], o["precision"], o["mode"], o["devices"])
+                == ("jax", r["precision"], r["mode"], 1)))
+    summary = (out / "summary.md").read_text()
+    assert summary.count("| lightnetcell |") == len(rows)
+
+
+def test_a_failing_runner_is_recorded_and_the_others_go_on(monkeypatch):
+    """torch.compile without a working C++ compiler (simulated): its rows carry the error."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("InductorError: no working C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    cfg = bench.BenchConfig(model="lightnetcell", image_size=16, batch_size=2, frameworks=("torch-compile", "torch"),
+                            modes=("infer",), steps=1, warmup=1, model_kwargs=TINY)
+    rows = {r["framework"]: r for r in bench.run(cfg, log=lambda m: None)["results"]}
+    assert "no working C++ compiler" in rows["torch-compile"]["error"]
+    assert rows["torch-compile"]["images_per_s"] is None
+    assert rows["torch"]["error"] is None and rows["torch"]["images_per_s"] > 0
+    assert "error: RuntimeError" in bench.markdown({"results": list(rows.values())})
+
+
+def test_a_spent_time_budget_skips_runners():
+    cfg = bench.BenchConfig(model="lightnetcell", image_size=16, batch_size=2, frameworks=("jax",), modes=("infer",),
+                            steps=1, model_kwargs=TINY, deadline=0.0)
+    (row,) = bench.run(cfg, log=lambda m: None)["results"]
+    assert row["error"] == "skipped: time budget spent" and row["images_per_s"] is None
+
+
+def test_peak_table():
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert bench.peak_tflops("NVIDIA H100 PCIe", "fp32") == 378.0
+    assert bench.peak_tflops("NVIDIA H200", "bf16") == 989.4
+    assert bench.peak_tflops("NVIDIA H200 NVL", "bf16") == 835.0
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 156.0
+    assert bench.peak_tflops("AMD EPYC (2 threads)", "fp32") is None
+
+
+def test_merged_reports_get_ratios_across_passes():
+    """gpu.sh runs torch.compile in a later process: merging computes its ratios anyway."""
+    def row(fw, ips, mode="train", model="resnet18"):
+        return {"framework": fw, "model": model, "mode": mode, "image_size": 224, "per_device_batch": 8,
+                "batch_size": 8, "precision": "bf16", "devices": 1, "images_per_s": ips, "step_ms_median": 8e3 / ips,
+                "achieved_tflops": 1.0, "mfu": 0.1, "error": None, "device_name": "NVIDIA H100 80GB HBM3"}
+
+    merged = bench.merge([{"results": [row("jax", 300.0), row("torch", 200.0), row("torch", 50.0, model="brin")],
+                           "environment": {}},
+                          {"results": [row("torch-compile", 250.0)], "environment": {}}])
+    jax_row = merged["results"][0]
+    assert jax_row["vs_torch"] == pytest.approx(1.5) and jax_row["vs_torch_compile"] == pytest.approx(1.2)
+    assert "| resnet18 | bf16 | train | jax | 1 | 8 | 300.0 |" in bench.summary_markdown(merged["results"])
+
+
+def test_cli_refuses_an_unknown_framework(tmp_path, capsys):
+    code = main(["bench", "--model", "lightnetcell", "--frameworks", "jax,tensorflow", "--json", str(tmp_path / "b.json")])
+    assert code == 2
+    assert "unknown framework 'tensorflow'" in capsys.readouterr().err
+
+
+# --- the XLA:CPU workarounds: the same values and gradients as plain lax -------------------------
+
+@pytest.fixture
+def workarounds():
+    saved = layers.XLA_CPU_WORKAROUNDS
+    yield lambda on: setattr(layers, "XLA_CPU_WORKAROUNDS", on)
+    layers.XLA_CPU_WORKAROUNDS = saved
+
+
+@pytest.mark.parametrize("size,window,stride,padding", [(8, 2, 2, 0), (9, 2, 2, 0), (9, 3, 2, 1), (8, 3, 1, 1)])
+def test_max_pool_gradient_is_torchs_first_maximum(workarounds, size, window, stride, padding):
+    rng = np.random.default_rng(size + window)
+    x = rng.standard_normal((2, size, size, 3)).astype(np.float32)
+    x[0, :3, :3, 0] = 1.5  # ties: the first maximum of each window takes the gradient
+    x[1] = np.maximum(x[1], 0)  # zeros tie after a ReLU
+    outs = {}
+    for on in (False, True):
+        workarounds(on)
+        y, vjp = jax.vjp(lambda a: layers.max_pool(a, window, stride, padding), jnp.asarray(x))
+        g = rng.standard_normal(y.shape).astype(np.float32) if not outs else outs[False][2]
+        outs[on] = (np.asarray(y), np.asarray(vjp(jnp.asarray(g))[0]), g)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    torch.nn.functional.max_pool2d(xt, window, stride, padding).backward(torch.from_numpy(outs[False][2]).permute(0, 3, 1, 2))
+    grad_torch = xt.grad.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(outs[True][0], outs[False][0])
+    np.testing.assert_allclose(outs[True][1], grad_torch, rtol=1e-6, atol=1e-6)  # overlaps: sums in another order
+    np.testing.assert_allclose(outs[False][1], grad_torch, rtol=1e-6, atol=1e-6)
+
+
+# (map size, kernel, stride, padding, dilation, in, out): small maps (XLA would swap the operands),
+# maps smaller than the kernel's weights (the patches product), flipped maps or flipped kernel.
+CONVS = [(2, 3, 1, 1, 1, 8, 8), (4, 3, 2, 1, 1, 8, 16), (1, 3, 1, 1, 1, 4, 4), (2, 3, 1, 1, 1, 16, 256),
+         (4, 3, 2, 1, 1, 8, 256), (9, 3, 2, 1, 1, 32, 32), (16, 3, 1, 1, 1, 8, 8), (17, 7, 2, 3, 1, 3, 8),
+         (8, 3, 1, 2, 2, 4, 4), (8, 1, 2, 0, 1, 4, 8)]
+
+
+@pytest.mark.parametrize("size,k,stride,pad,dil,cin,cout", CONVS)
+def test_cpu_convolutions_match_lax(workarounds, size, k, stride, pad, dil, cin, cout):
+    workarounds(True)
+    rng = np.random.default_rng(size * k + cout)
+    x = jnp.asarray(rng.standard_normal((2, size, size, cin)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((k, k, cin, cout)).astype(np.float32))
+    dn = ("NHWC", "HWIO", "NHWC")
+    args = dict(window_strides=(stride, stride), padding=((pad, pad), (pad, pad)), rhs_dilation=(dil, dil))
+    ref = lambda x, w: lax.conv_general_dilated(x, w, dimension_numbers=dn, **args)  # noqa: E731
+    ours = lambda x, w: layers.conv_general_dilated(  # noqa: E731
+        x, w, dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, dn), **args)
+    assert "custom_vjp" in str(jax.make_jaxpr(ours)(x, w)) or "dot_general" in str(jax.make_jaxpr(ours)(x, w))
+    (y0, vjp0), (y1, vjp1) = jax.vjp(ref, x, w), jax.vjp(ours, x, w)
+    g = jnp.asarray(rng.standard_normal(y0.shape).astype(np.float32))
+    for a, b in zip((y1, *vjp1(g)), (y0, *vjp0(g))):
+        scale = float(jnp.abs(b).max())
+        assert float(jnp.abs(a - b).max()) <= 2e-6 * scale  # float32 rounding of sums in another order
+
+
+def test_small_maps_compile_to_no_swapped_convolution(workarounds):
+    """ResNet's last stage at 64 px: 3x3 kernels on 2x2 maps. XLA swaps such convolutions'
+    operands into a layout XLA:CPU loops over (window reversal in the HLO); ours never get there."""
+    x = jnp.zeros((4, 2, 2, 64))
+    w = jnp.zeros((3, 3, 64, 64))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(x, w, conv):
+        return conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn).sum()
+
+    def hlo(conv):
+        return jax.jit(jax.grad(lambda x, w: loss(x, w, conv), argnums=(0, 1))).lower(x, w).compile().as_text()
+
+    assert "rhs_reversal=1x1" in hlo(lax.conv_general_dilated)  # the problem still exists in XLA
+    workarounds(True)
+    assert "rhs_reversal" not in hlo(layers.conv_general_dilated)
+
+
+def test_cpu_compiler_options_keep_convolutions_off_ynnpack():
+    placement = train.Placement.over(jax.devices()[:1])
+    options = train.compiler_options(placement)
+    if options is None:
+        pytest.skip("this jaxlib does not know xla_cpu_experimental_ynn_fusion_type's values")
+    x, w = jax.ShapeDtypeStruct((8, 32, 32, 32), jnp.float32), jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
+    conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
+    default = jax.jit(conv).lower(x, w).compile().as_text()
+    ours = jax.jit(conv, compiler_options=options).lower(x, w).compile().as_text()
+    assert "__ynn_fusion" in default  # what the option is there to undo
+    assert "__ynn_fusion" not in ours and "convolution(" in ours
