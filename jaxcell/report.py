@@ -170,18 +170,6 @@ def gradcam_tiles(evaluation: Evaluation, indices: np.ndarray, batch: int = 16) 
     return tiles
 
 
-def _read_history(workdir: str) -> list[dict]:
-    from jaxcell.train import METRICS_FILE
-
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.isfile(path):
-        return []
-    import json
-
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _fmt(v, digits=4) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
@@ -223,7 +211,10 @@ def write_report(evaluation: Evaluation, out: str, history: list[dict] | None = 
     r = evaluation.result
     names = r["class_names"]
     labels, probs = evaluation.labels, evaluation.probabilities
-    history = _read_history(evaluation.members[0].workdir) if history is None else history
+    if history is None:
+        from jaxcell.train import read_history  # jax stays unimported until a report needs it
+
+        history = read_history(evaluation.members[0].workdir)
     out = os.path.abspath(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     stem = os.path.splitext(out)[0]

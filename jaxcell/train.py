@@ -448,7 +448,7 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
     train_step, eval_step = compile_steps(placement, record["preprocessing"], augmentation(config), config.precision)
 
     step = int(local(state.step))
-    history = [h for h in _read_history(workdir) if h["step"] <= step] if resume else []
+    history = [h for h in read_history(workdir) if h["step"] <= step] if resume else []
     if is_main_process():
         _write_history(workdir, history)  # epochs logged after the restored checkpoint are redone
     start = time.perf_counter()
@@ -532,7 +532,8 @@ def _write_history(workdir: str, entries: list[dict], append: bool = False) -> N
         f.writelines(json.dumps(entry) + "\n" for entry in entries)
 
 
-def _read_history(workdir: str) -> list[dict]:
+def read_history(workdir: str) -> list[dict]:
+    """The per-epoch metrics of a workdir (metrics.jsonl), oldest first."""
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.isfile(path):
         return []
