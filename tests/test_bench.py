@@ -132,21 +132,23 @@ def test_max_pool_gradient_is_torchs_first_maximum(workarounds, size, window, st
     np.testing.assert_allclose(outs[False][1], grad_torch, rtol=1e-6, atol=1e-6)
 
 
-# (map size, kernel, stride, padding, dilation, in, out): small maps (XLA would swap the operands),
-# maps smaller than the kernel's weights (the patches product), flipped maps or flipped kernel.
-CONVS = [(2, 3, 1, 1, 1, 8, 8), (4, 3, 2, 1, 1, 8, 16), (1, 3, 1, 1, 1, 4, 4), (2, 3, 1, 1, 1, 16, 256),
-         (4, 3, 2, 1, 1, 8, 256), (9, 3, 2, 1, 1, 32, 32), (16, 3, 1, 1, 1, 8, 8), (17, 7, 2, 3, 1, 3, 8),
-         (8, 3, 1, 2, 2, 4, 4), (8, 1, 2, 0, 1, 4, 8)]
+# (map size, kernel, stride, padding, dilation, in, out, groups): small maps (XLA would swap the
+# operands), maps smaller than the kernel's weights (the patches product), flipped maps or flipped
+# kernel in the input gradient, grouped convolutions (one per group).
+CONVS = [(2, 3, 1, 1, 1, 8, 8, 1), (4, 3, 2, 1, 1, 8, 16, 1), (1, 3, 1, 1, 1, 4, 4, 1), (2, 3, 1, 1, 1, 16, 256, 1),
+         (4, 3, 2, 1, 1, 8, 256, 1), (9, 3, 2, 1, 1, 32, 32, 1), (16, 3, 1, 1, 1, 8, 8, 1), (17, 7, 2, 3, 1, 3, 8, 1),
+         (8, 3, 1, 2, 2, 4, 4, 1), (8, 1, 2, 0, 1, 4, 8, 1), (8, 3, 1, 1, 1, 16, 16, 8), (7, 3, 2, 1, 1, 8, 4, 2)]
 
 
-@pytest.mark.parametrize("size,k,stride,pad,dil,cin,cout", CONVS)
-def test_cpu_convolutions_match_lax(workarounds, size, k, stride, pad, dil, cin, cout):
+@pytest.mark.parametrize("size,k,stride,pad,dil,cin,cout,groups", CONVS)
+def test_cpu_convolutions_match_lax(workarounds, size, k, stride, pad, dil, cin, cout, groups):
     workarounds(True)
     rng = np.random.default_rng(size * k + cout)
     x = jnp.asarray(rng.standard_normal((2, size, size, cin)).astype(np.float32))
-    w = jnp.asarray(rng.standard_normal((k, k, cin, cout)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((k, k, cin // groups, cout)).astype(np.float32))
     dn = ("NHWC", "HWIO", "NHWC")
-    args = dict(window_strides=(stride, stride), padding=((pad, pad), (pad, pad)), rhs_dilation=(dil, dil))
+    args = dict(window_strides=(stride, stride), padding=((pad, pad), (pad, pad)), rhs_dilation=(dil, dil),
+                feature_group_count=groups)
     ref = lambda x, w: lax.conv_general_dilated(x, w, dimension_numbers=dn, **args)  # noqa: E731
     ours = lambda x, w: layers.conv_general_dilated(  # noqa: E731
         x, w, dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, dn), **args)
@@ -171,8 +173,7 @@ def test_small_maps_compile_to_no_swapped_convolution(workarounds):
     def hlo(conv):
         return jax.jit(jax.grad(lambda x, w: loss(x, w, conv), argnums=(0, 1))).lower(x, w).compile().as_text()
 
-    assert "rhs_reversal=1x1" in hlo(lax.conv_general_dilated)  # the problem still exists in XLA
-    workarounds(True)
+    workarounds(True)  # (plain lax.conv_general_dilated gives "rhs_reversal=1x1" with jax 0.10.2)
     assert "rhs_reversal" not in hlo(layers.conv_general_dilated)
 
 
@@ -183,7 +184,5 @@ def test_cpu_compiler_options_keep_convolutions_off_ynnpack():
         pytest.skip("this jaxlib does not know xla_cpu_experimental_ynn_fusion_type's values")
     x, w = jax.ShapeDtypeStruct((8, 32, 32, 32), jnp.float32), jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
     conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
-    default = jax.jit(conv).lower(x, w).compile().as_text()
     ours = jax.jit(conv, compiler_options=options).lower(x, w).compile().as_text()
-    assert "__ynn_fusion" in default  # what the option is there to undo
-    assert "__ynn_fusion" not in ours and "convolution(" in ours
+    assert "__ynn_fusion" not in ours and "convolution(" in ours  # (jax 0.10.2's default: a __ynn_fusion)

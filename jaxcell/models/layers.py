@@ -1,6 +1,7 @@
 """Building blocks shared by every model, set up so that each one computes what its
 torch twin computes (see DESIGN.md section 4): explicit symmetric padding, torch's
-BatchNorm semantics, exact GELU."""
+BatchNorm semantics, exact GELU; and, on CPU, convolutions and max-pool gradients in forms
+that XLA:CPU runs fast (the same functions; docs/benchmarks.md)."""
 
 import functools
 from typing import Any
@@ -41,9 +42,19 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """lax.conv_general_dilated; on CPU, a plain NHWC/HWIO convolution goes to `_cpu_conv`, which
     computes the same values and gradients in forms that XLA:CPU runs fast."""
     rhs_dilation = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
-    if (_cpu_workarounds() and lhs.ndim == 4 and feature_group_count == 1 and not kwargs
-            and tuple(lhs_dilation or (1, 1)) == (1, 1) and not isinstance(padding, str)
-            and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+    plain = (_cpu_workarounds() and lhs.ndim == 4 and not kwargs and tuple(lhs_dilation or (1, 1)) == (1, 1)
+             and not isinstance(padding, str)
+             and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+    if plain and feature_group_count > 1:
+        # XLA:CPU rewrites a grouped convolution's weight gradient into a 5-D convolution with a
+        # dilated input that no library kernel takes (300 ms a step each in BRIN at 64 px): one
+        # ordinary convolution per group instead, the same sums.
+        g = feature_group_count
+        xs, ws = jnp.split(lhs, g, axis=3), jnp.split(rhs, g, axis=3)
+        return jnp.concatenate([conv_general_dilated(x, w, window_strides, padding, None, rhs_dilation,
+                                                     lax.conv_dimension_numbers(x.shape, w.shape, _NHWC),
+                                                     1, precision) for x, w in zip(xs, ws)], axis=3)
+    if plain:
         padding = tuple((int(lo), int(hi)) for lo, hi in padding)
         out = [(n + lo + hi - (k - 1) * d - 1) // s + 1
                for n, (lo, hi), k, d, s in zip(lhs.shape[1:3], padding, rhs.shape[:2], rhs_dilation, window_strides)]
