@@ -204,6 +204,13 @@ def _counts(text: str) -> list[int]:
     return [positive(t) for t in _names(text)]
 
 
+def _write_json(path: str, result: dict, what: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"{what} written to {path}")
+
+
 def cmd_train(args) -> int:
     from jaxcell import distributed
 
@@ -284,10 +291,7 @@ def cmd_evaluate(args) -> int:
     print(f"{result['model']} on {result['data']}{conditions}")
     print(format_evaluation(result))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"report written to {args.out}")
+        _write_json(args.out, result, "report")
     return 0
 
 
@@ -310,10 +314,7 @@ def cmd_audit(args) -> int:
                    per_class=args.per_class, seed=args.seed, log=print)
     print(format_audit(result))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"audit written to {args.json}")
+        _write_json(args.json, result, "audit")
     return 0
 
 
