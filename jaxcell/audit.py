@@ -23,11 +23,11 @@ import os
 
 import numpy as np
 
+from jaxcell.data.splits import HASH_SIZE, NEAR_DUPLICATE_DISTANCE, Union, difference_hash, hamming_pairs
 from jaxcell.errors import UserError
 
 HIST_BINS = 8                    # per channel: 8 x 8 x 8 = 512 bins
 L2 = 1e-3                        # ridge on the standardized histogram features
-HASH_SIZE = 8                    # difference hash: 8 x 8 = 64 bits
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
@@ -40,27 +40,6 @@ def rgb_histogram(image: np.ndarray, bins: int = HIST_BINS) -> np.ndarray:
     index = (q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]
     h = np.bincount(index.ravel(), minlength=bins ** 3).astype(np.float64)
     return h / max(h.sum(), 1)
-
-
-def difference_hash(image, size: int = HASH_SIZE) -> int:
-    """Krawetz's dHash: grey, shrink to (size+1) x size, one bit per horizontal neighbour pair
-    (left brighter than right). Robust to re-encoding, small resizes and brightness changes."""
-    from PIL import Image
-
-    grey = np.asarray(image.convert("L").resize((size + 1, size), Image.BOX), np.int16)
-    bits = (grey[:, :-1] > grey[:, 1:]).ravel()
-    return int(sum(1 << i for i, b in enumerate(bits) if b))
-
-
-def hamming_pairs(hashes: list[int], threshold: int) -> list[tuple[int, int, int]]:
-    """(i, j, distance) for every pair i < j with at most `threshold` differing bits."""
-    h = np.asarray(hashes, np.uint64)
-    out = []
-    for i in range(len(h) - 1):
-        d = np.unpackbits((h[i] ^ h[i + 1:]).view(np.uint8).reshape(-1, 8), axis=1).sum(1)  # popcount
-        for k in np.flatnonzero(d <= threshold):
-            out.append((i, i + 1 + int(k), int(d[k])))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,21 +134,7 @@ def list_images(root: str) -> tuple[list[str], list[int], list[str]]:
     return list(files), np.asarray(labels), list(names)
 
 
-class _Union:
-    def __init__(self, n):
-        self.parent = list(range(n))
-
-    def find(self, i):
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def join(self, i, j):
-        self.parent[self.find(i)] = self.find(j)
-
-
-def audit(root: str, folds: int = 5, shift: float = 0.03, hash_distance: int = 4, per_class: int | None = None,
+def audit(root: str, folds: int = 5, shift: float = 0.03, hash_distance: int = NEAR_DUPLICATE_DISTANCE, per_class: int | None = None,
           seed: int = 0, log=lambda message: None) -> dict:
     from PIL import Image
 
@@ -208,7 +173,7 @@ def audit(root: str, folds: int = 5, shift: float = 0.03, hash_distance: int = 4
         raise UserError(f"--data {root}: no readable image")
 
     # Duplicates: exact by md5, near by dHash; both join the same groups for the CV folds.
-    union = _Union(n)
+    union = Union(n)
     exact = collections.defaultdict(list)
     for i, d in enumerate(digests):
         exact[d].append(i)
@@ -219,7 +184,7 @@ def audit(root: str, folds: int = 5, shift: float = 0.03, hash_distance: int = 4
     for i, j, _ in near:
         union.join(i, j)
     groups = np.array([union.find(i) for i in range(n)])
-    split_of = _content_splits(files, digests, labels, names, seed)
+    split_of = _content_splits(files, digests, hashes, labels, seed)
 
     def describe(idx):
         return {"files": [os.path.relpath(files[i], root) for i in idx],
@@ -274,15 +239,16 @@ def audit(root: str, folds: int = 5, shift: float = 0.03, hash_distance: int = 4
     return result
 
 
-def _content_splits(files, digests, labels, names, seed) -> list[str] | None:
-    """The split (train/val/test) each file falls in under the project's content-hash split
-    (default fractions, this seed: what `jaxcell train --seed` would do with this folder).
+def _content_splits(files, digests, dhashes, labels, seed) -> list[str] | None:
+    """The split (train/val/test) each file falls in under the project's content split
+    (default fractions, near duplicates grouped at the split's own distance, this seed: what
+    `jaxcell train --seed` does with this folder).
     None when the split refuses the data (the same bytes under two labels)."""
     from jaxcell.data import FRACTIONS
     from jaxcell.data.splits import split_by_content
 
     try:
-        splits = split_by_content(digests, labels, FRACTIONS, seed=seed, files=files)
+        splits = split_by_content(digests, labels, FRACTIONS, seed=seed, files=files, near=dhashes)
     except UserError:
         return None
     out = [""] * len(files)

@@ -13,7 +13,7 @@ from PIL import Image
 from jaxcell import CLASS_NAMES, data
 from jaxcell.data import folders, synthetic
 from jaxcell.data.images import load_image, load_images
-from jaxcell.data.splits import content_hashes, split_by_content
+from jaxcell.data.splits import content_hashes, file_difference_hashes, split_by_content
 from jaxcell.errors import UserError
 
 
@@ -258,6 +258,24 @@ def test_split_small_classes_and_conflicts():
         split_by_content(hashes, [0] * 10, fractions=(0.5, 0.5, 0.5))
 
 
+def test_near_duplicates_travel_together():
+    hashes = _random_hashes(40)
+    labels = np.arange(40) % 2
+    near = [int(h[:16], 16) for h in hashes]  # unrelated 64-bit values: far apart
+    assert {k: v.tolist() for k, v in split_by_content(hashes, labels, seed=3, near=near).items()} == \
+           {k: v.tolist() for k, v in split_by_content(hashes, labels, seed=3).items()}
+    # Items 0, 2 and 4 are re-framings of one picture (1, 2 bits off), item 6 is 5 bits off.
+    near[2], near[4], near[6] = near[0] ^ 1, near[0] ^ 0b110, near[0] ^ 0b11111
+    for seed in range(6):
+        s = split_by_content(hashes, labels, seed=seed, near=near)
+        where = {i: k for k, idx in s.items() for i in idx}
+        assert where[0] == where[2] == where[4]
+        assert sorted(np.concatenate(list(s.values())).tolist()) == list(range(40))
+    # 2 bits is within the default distance of 4, not within 1.
+    apart = [split_by_content(hashes, labels, seed=seed, near=near, near_distance=1) for seed in range(6)]
+    assert any(len({k for k, idx in s.items() for i in idx if i in (0, 4)}) == 2 for s in apart)
+
+
 def test_real_duplicates_never_straddle_splits(dev_data):
     with open(os.path.join(dev_data, "MANIFEST.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -386,7 +404,7 @@ def test_folder_dataset_through_tfds(small_tree, tmp_path, monkeypatch):
     assert str(small_tree) in ds.source
 
     # The splits are split_by_content's, in file order, with the images load_image gives.
-    expected = split_by_content(content_hashes(paths), labels, seed=0)
+    expected = split_by_content(content_hashes(paths), labels, seed=0, near=file_difference_hashes(paths))
     for k, idx in expected.items():
         images, y = ds.splits[k]
         assert images.dtype == np.uint8 and images.shape == (len(idx), 32, 32, 3) and y.dtype == np.int32

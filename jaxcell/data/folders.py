@@ -19,7 +19,7 @@ an error rather than silently dropped. A file with an image extension that does 
 an error when it is read.
 
 The TFDS builder (`build`) writes the decoded, resized images as array_record splits
-(train/val/test from `splits.split_by_content`) in a cache keyed by the folder's absolute path,
+(train/val/test from `splits.split_by_content`, exact and near duplicates kept together) in a cache keyed by the folder's absolute path,
 its files' names, sizes and modification times, the image size and the split seed: a second
 call with nothing changed reads the cache and decodes nothing. TensorFlow is not needed.
 """
@@ -42,7 +42,7 @@ import numpy as np
 
 from jaxcell import CLASS_NAMES
 from jaxcell.data.images import load_image
-from jaxcell.data.splits import FRACTIONS, SPLITS, content_hashes, split_by_content
+from jaxcell.data.splits import FRACTIONS, SPLITS, content_hashes, file_difference_hashes, split_by_content
 from jaxcell.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def _plan(root: Path, paths: list[str], labels: np.ndarray, class_names: list[st
                  key=f"px{image_size}_seed{seed}_{h.hexdigest()[:16]}")
 
 
-_FORMAT = 2  # bump when the builder's output changes, so old caches are not reused
+_FORMAT = 3  # bump when the builder's output changes, so old caches are not reused
 
 
 @functools.cache
@@ -265,7 +265,8 @@ def _builder_class():
             manual = Path(dl_manager.manual_dir)  # the user's folder, by the manual-download convention
             paths = [str(manual / f) for f in plan.files]
             hashes = content_hashes(paths)
-            split = split_by_content(hashes, plan.labels, FRACTIONS, seed=plan.seed, files=paths)
+            split = split_by_content(hashes, plan.labels, FRACTIONS, seed=plan.seed, files=paths,
+                                     near=file_difference_hashes(paths))
             items = [(paths[i], plan.files[i], plan.labels[i], hashes[i]) for i in range(len(paths))]
             # TFDS refuses empty splits; a tiny class tree may leave val or test empty.
             return {
