@@ -1,6 +1,8 @@
 """The `jaxcell` command.
 
     jaxcell train     --model NAME [--data DIR] --workdir DIR ...
+    jaxcell train     --recipe NAME --data DIR --workdir DIR [flags overriding the recipe]
+    jaxcell recipes
     jaxcell evaluate  --workdir DIR [--workdir DIR ...] [--data DIR] [--split test] [--tta]
                       [--stain-shift S] [--fit-temperature] [--out report.json]
     jaxcell predict   --workdir DIR [--cam OUTDIR] IMAGE...
@@ -18,6 +20,7 @@ Mistakes a user can fix (paths, names, files) end with one line on stderr and ex
 
 import argparse
 import ast
+import dataclasses
 import json
 import os
 import sys
@@ -68,11 +71,14 @@ def _evaluation_args(e: argparse.ArgumentParser, ensemble: bool) -> None:
     e.add_argument("--cache-dir")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The command line; `recipe_defaults` (train's argparse dests) replace train's defaults."""
     parser = argparse.ArgumentParser(prog="jaxcell", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model; no --data: synthetic smears")
+    t.add_argument("--recipe", metavar="NAME",
+                   help="start from a shipped training configuration (see `jaxcell recipes`); flags override it")
     t.add_argument("--model", default="lightnetcell")
     t.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE",
                    help="a constructor argument of the model, e.g. --model-arg hidden=128")
@@ -108,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "under SLURM or Open MPI these are detected")
     t.add_argument("--num-processes", type=positive)
     t.add_argument("--process-id", type=int)
+    if recipe_defaults:
+        t.set_defaults(**recipe_defaults)
+
+    sub.add_parser("recipes", help="the shipped training configurations (jaxcell train --recipe NAME)")
 
     e = sub.add_parser("evaluate", help="metrics of a trained model (or an ensemble) on a split or a folder")
     _evaluation_args(e, ensemble=True)
@@ -130,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--folds", type=positive, default=5)
     a.add_argument("--shift", type=float, default=0.03, metavar="S", help="HED stain-shift strength")
     a.add_argument("--hash-distance", type=int, default=4, metavar="D",
-                   help="near duplicates: difference hashes at most D bits apart (of 64)")
+                   help="near duplicates: difference hashes at most D bits apart (of 64); the training "
+                        "split groups them at 4")
     a.add_argument("--per-class", type=positive, metavar="N", help="audit only the first N images of each class")
     a.add_argument("--seed", type=int, default=0)
 
@@ -211,6 +222,41 @@ def _write_json(path: str, result: dict, what: str) -> None:
     print(f"{what} written to {path}")
 
 
+# TrainConfig fields whose command-line flag has another name or meaning.
+_FLAG_OF_FIELD = {"model_kwargs": ("model_arg", lambda kw: list(kw.items())),
+                  "augment": ("no_augment", lambda on: not on)}
+
+
+def recipe_defaults(name: str) -> dict:
+    """A recipe's settings as `jaxcell train`'s argparse defaults."""
+    from jaxcell import recipes
+    from jaxcell.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in recipes.get(name).settings.items():
+        if key not in fields:  # a recipe is code: a wrong key is our bug, not the user's
+            raise ValueError(f"recipe {name!r} sets {key!r}, which is not a TrainConfig field")
+        dest, convert = _FLAG_OF_FIELD.get(key, (key, lambda v: v))
+        out[dest] = convert(value)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse once; for `train --recipe NAME` parse again with the recipe's settings as defaults."""
+    args = build_parser().parse_args(argv)
+    if args.command == "train" and args.recipe:
+        args = build_parser(recipe_defaults(args.recipe)).parse_args(argv)
+    return args
+
+
+def cmd_recipes(args) -> int:
+    from jaxcell import recipes
+
+    print(recipes.describe())
+    return 0
+
+
 def cmd_train(args) -> int:
     from jaxcell import distributed
 
@@ -220,6 +266,17 @@ def cmd_train(args) -> int:
 
     model_kwargs = dict(args.model_arg)
     models.create(args.model, image_size=args.image_size, **model_kwargs)  # unknown names fail before any work
+    recipe = None
+    if args.recipe:
+        from jaxcell import recipes
+
+        r = recipes.get(args.recipe)
+        missing = [n for n in r.needs if not getattr(args, n)]
+        if missing:
+            raise UserError(f"recipe {r.name} needs --{missing[0].replace('_', '-')}"
+                            + (" FILE (torchvision's ImageNet resnet18 weights, e.g. resnet18-f37072fd.pth)"
+                               if missing[0] == "init_from" else ""))
+        recipe = f"{r.name} v{r.version}"
     config = TrainConfig(model=args.model, model_kwargs=model_kwargs, image_size=args.image_size,
                          epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                          lr=args.lr if args.lr is not None else models.spec(args.model).lr,
@@ -230,7 +287,7 @@ def cmd_train(args) -> int:
                          schedule=args.schedule, warmup_steps=args.warmup_steps,
                          init_from=os.path.abspath(args.init_from) if args.init_from else None,
                          freeze_backbone=args.freeze_backbone, head_epochs=args.head_epochs,
-                         backbone_lr_scale=args.backbone_lr_scale)
+                         backbone_lr_scale=args.backbone_lr_scale, recipe=recipe)
     dataset = data.load(config.data, config.image_size, seed=config.seed,
                         synthetic_examples=config.synthetic_examples, cache_dir=args.cache_dir)
     if is_main_process():
@@ -417,7 +474,7 @@ def cmd_bench(args) -> int:
     return bench.command(args)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report, "audit": cmd_audit,
+COMMANDS = {"train": cmd_train, "recipes": cmd_recipes, "evaluate": cmd_evaluate, "report": cmd_report, "audit": cmd_audit,
             "predict": cmd_predict, "parity": cmd_parity, "export": cmd_export, "import": cmd_import,
             "summary": cmd_summary, "bench": cmd_bench}
 
@@ -426,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's and TFDS's info lines drown the report
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except UserError as error:  # an unknown recipe
+        print(f"jaxcell: error: {error}", file=sys.stderr)
+        return 2
     try:
         return COMMANDS[args.command](args)
     except UserError as error:

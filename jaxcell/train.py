@@ -56,6 +56,7 @@ class TrainConfig:
     freeze_backbone: bool = False      # train only the model's head
     head_epochs: int = 0               # train only the head for this many epochs first
     backbone_lr_scale: float | None = None  # backbone lr / head lr; None: 0.1 when fine-tuning, else 1
+    recipe: str | None = None          # "NAME vN" when started from jaxcell.recipes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
