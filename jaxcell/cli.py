@@ -8,6 +8,7 @@
     jaxcell predict   --workdir DIR [--cam OUTDIR] IMAGE...
     jaxcell report    --workdir DIR --out report.html [--data DIR] [--split test]
     jaxcell audit     --data DIR [--json FILE]
+    jaxcell table     --workdir DIR [--workdir DIR ...] [--split val] [--shift 0.03] [--markdown FILE]
     jaxcell parity    --model NAME [--image-size N] [--batch N] [--seed N] [--train-steps N]
     jaxcell export    --workdir DIR --out FILE [--format safetensors|torch] [--checkpoint best|last]
     jaxcell import    --torch FILE --workdir DIR [--model NAME]
@@ -133,6 +134,16 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     _evaluation_args(r, ensemble=False)
     r.add_argument("--out", required=True, help="the HTML file; the figures are also written beside it as PNG")
     r.add_argument("--cams", type=int, default=8, metavar="N", help="Grad-CAM cases per gallery (right, wrong); 0: none")
+
+    tb = sub.add_parser("table", help="the paper's Table I, measured: one row per trained workdir")
+    tb.add_argument("--workdir", required=True, action="append", help="a trained workdir; repeat for more rows")
+    tb.add_argument("--split", default="val", choices=["train", "val", "test"])
+    tb.add_argument("--shift", type=_non_negative_float, default=0.03, metavar="S",
+                    help="HED strength of the stain-shifted column")
+    tb.add_argument("--checkpoint", default="last",
+                    help="last (default: not chosen on the validation split), best or a step number")
+    tb.add_argument("--markdown", help="also write the table here")
+    tb.add_argument("--json", help="write the rows as JSON here")
 
     a = sub.add_parser("audit", help="dataset audit: colour shortcut, duplicates, balance, sizes")
     a.add_argument("--data", required=True, help="a class-folder tree")
@@ -364,6 +375,20 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_table(args) -> int:
+    from jaxcell.results import format_table, table_row
+
+    rows = [table_row(w, args.split, args.shift, args.checkpoint) for w in args.workdir]
+    table = format_table(rows)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    if args.json:
+        _write_json(args.json, {"rows": rows}, "table")
+    return 0
+
+
 def cmd_audit(args) -> int:
     from jaxcell.audit import audit, format_audit
 
@@ -474,7 +499,8 @@ def cmd_bench(args) -> int:
     return bench.command(args)
 
 
-COMMANDS = {"train": cmd_train, "recipes": cmd_recipes, "evaluate": cmd_evaluate, "report": cmd_report, "audit": cmd_audit,
+COMMANDS = {"train": cmd_train, "recipes": cmd_recipes, "evaluate": cmd_evaluate, "report": cmd_report,
+            "audit": cmd_audit, "table": cmd_table,
             "predict": cmd_predict, "parity": cmd_parity, "export": cmd_export, "import": cmd_import,
             "summary": cmd_summary, "bench": cmd_bench}
 

@@ -343,10 +343,26 @@ def write_config(workdir: str, config: TrainConfig, dataset: Dataset) -> dict:
         "data": {"source": dataset.source, "split_note": dataset.split_note,
                  "sizes": {k: int(len(v[1])) for k, v in dataset.splits.items()}},
         "train": config.to_dict(),
+        "hardware": hardware(),
     }
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         json.dump(record, f, indent=2)
     return record
+
+
+def hardware() -> str:
+    """What this run trains on, for reports: "1 x NVIDIA H100 80GB HBM3", "CPU: AMD EPYC ... (2 cores)"."""
+    devices = jax.devices()
+    if devices[0].platform != "cpu":
+        return f"{len(devices)} x {devices[0].device_kind}" + (f" on {jax.process_count()} hosts"
+                                                                 if jax.process_count() > 1 else "")
+    name = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"CPU: {name} ({os.cpu_count()} cores)"
 
 
 def read_config(workdir: str) -> dict:

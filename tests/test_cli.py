@@ -34,6 +34,22 @@ def test_evaluate_writes_the_report(workdir, tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
+def test_table_row_is_what_evaluate_measures(workdir, tmp_path, capsys):
+    rows, clean, shifted = (str(tmp_path / f) for f in ("rows.json", "clean.json", "shifted.json"))
+    assert main(["table", "--workdir", workdir, "--split", "val", "--shift", "0.05", "--json", rows,
+                 "--markdown", str(tmp_path / "t.md")]) == 0
+    assert main(["evaluate", "--workdir", workdir, "--split", "val", "--checkpoint", "last", "--out", clean]) == 0
+    assert main(["evaluate", "--workdir", workdir, "--split", "val", "--checkpoint", "last", "--stain-shift", "0.05",
+                 "--out", shifted]) == 0
+    row = json.load(open(rows))["rows"][0]
+    assert row["accuracy"] == json.load(open(clean))["accuracy"]
+    assert row["shifted_accuracy"] == json.load(open(shifted))["accuracy"]
+    assert row["ece"] == pytest.approx(json.load(open(clean))["ece"])
+    assert row["epochs"] == 2 and row["train_seconds"] > 0 and row["parameters"] > 0
+    assert row["hardware"].startswith("CPU") and row["paper_accuracy"] == "0.91"
+    assert "| lightnetcell | 0.91 |" in open(tmp_path / "t.md").read()
+
+
 def test_evaluate_every_image_of_a_folder_and_predict(workdir, tmp_path, capsys):
     root = tmp_path / "folder"
     rng = np.random.default_rng(0)
