@@ -3,9 +3,12 @@ the input pipelines (jaxcell.pipeline): the same batches from the device and fro
 
 import json
 import os
+import re
+import tempfile
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -206,3 +209,63 @@ def test_auto_keeps_the_split_on_the_device_when_it_takes_at_most_a_quarter(limi
     mode, why = pipeline.choose("auto", placement, int(nbytes))
     assert mode == want and "training split" in why
     assert pipeline.choose("host", placement, 1)[0] == "host"
+
+
+# --- mixed precision -------------------------------------------------------------------------------
+
+def matmul_dtypes(precision: str):
+    """The operand and result types of every convolution and matrix product in the lowered train
+    step (forward and backward), and the dtypes of the parameters it returns."""
+    import jaxcell.train as trainer
+
+    model = trainer.models.create("lightnetcell", num_classes=4, image_size=16, **TINY)
+    tx = trainer.make_optimizer(config())
+    state = trainer.init_state(model, tx, 16, trainer.init_key(0))
+    batch = {"image": np.zeros((4, 16, 16, 3), np.uint8), "label": np.zeros(4, np.int32)}
+    step = jax.jit(trainer.make_train_step(trainer.models.spec("lightnetcell").preprocessing, None, precision))
+    ops = [line.rsplit(" : ", 1)[1] for line in step.lower(state, batch, jax.random.key(0)).as_text().splitlines()
+           if "stablehlo.convolution" in line or "stablehlo.dot_general" in line]
+    out = jax.eval_shape(step, state, batch, jax.random.key(0))[0]
+    return ops, {a.dtype for a in jax.tree.leaves(out.params) + jax.tree.leaves(out.opt_state)
+                 if jnp.issubdtype(a.dtype, jnp.floating)}
+
+
+@pytest.mark.parametrize("precision, compute", [("bf16", "bf16"), ("fp32", "f32")])
+def test_bf16_computes_in_bfloat16_and_keeps_float32_parameters(precision, compute):
+    ops, kept = matmul_dtypes(precision)
+    # 3 convolutions and 2 dense layers, forward, weight and input gradients (none into the image)
+    assert len(ops) == 3 * 3 - 1 + 2 * 3, ops
+    for signature in ops:
+        assert set(re.findall(r"x(bf16|f32|f16)>", signature)) == {compute}, signature
+    assert kept == {jnp.dtype(jnp.float32)}  # master weights and Adam's moments
+
+
+@pytest.mark.slow
+def test_bf16_trains_to_the_accuracy_of_fp32():
+    """LightNetCell (small widths) at 32 px, 10 epochs on 840 synthetic smears, two seeds per
+    precision, scored on 1,000 fresh smears. Measured (2-core CPU): fp32 0.423 / 0.419, bf16
+    0.412 / 0.401. bf16 rounding sends training down another path, as another seed does; one
+    accuracy on 1,000 images has a standard error of about 0.016, a difference of two means of
+    two runs about as much, plus the seed-to-seed spread (0.004 to 0.03 here): 0.05 is ~3 of those.
+    Each run must also be well above chance (0.25), or the comparison says nothing. ~1 min."""
+    import jaxcell.train as trainer
+
+    smears = data.load(None, image_size=32, seed=0, synthetic_examples=1200)
+    images, labels = data.make_smears(1000, 32, seed=99)
+    placement = Placement.over(jax.devices()[:1])
+    _, eval_step = trainer.compile_steps(placement, trainer.models.spec("lightnetcell").preprocessing)
+    accuracy = {}
+    for precision in ("fp32", "bf16"):
+        for seed in (0, 1):
+            cfg = TrainConfig(model="lightnetcell", model_kwargs={"widths": (16, 32, 64), "hidden": 64},
+                              image_size=32, epochs=10, batch_size=32, lr=1e-3, seed=seed, augment=False,
+                              precision=precision)
+            with tempfile.TemporaryDirectory() as workdir:
+                state = train(cfg, smears, workdir, devices=placement.mesh.devices.flat, progress=False,
+                              log=lambda _: None).state
+            logits = trainer.predict_logits(eval_step, state, images, 200, placement)
+            accuracy[precision, seed] = float((logits.argmax(-1) == labels).mean())
+    print(accuracy)
+    assert min(accuracy.values()) > 0.35, accuracy
+    mean = {p: (accuracy[p, 0] + accuracy[p, 1]) / 2 for p in ("fp32", "bf16")}
+    assert abs(mean["bf16"] - mean["fp32"]) <= 0.05, accuracy
