@@ -11,7 +11,7 @@
     jaxcell import    --torch FILE --workdir DIR [--model NAME]
     jaxcell summary   [--model NAME] [--image-size N]
     jaxcell bench     --model NAME --json FILE [--image-size N] [--batch-size N] [--precision fp32,bf16]
-                      [--frameworks jax,torch,torch-compile] [--steps N] [--devices 1,2,4] [--quick]
+                      [--frameworks jax,torch,torch-compile] [--steps N] [--devices 1,2,4] [--quick] [--pipeline]
 
 Mistakes a user can fix (paths, names, files) end with one line on stderr and exit code 2.
 """
@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=positive, help="untimed steps first, compilation included")
     b.add_argument("--devices", type=_counts, default=[1], help="JAX device counts, e.g. 1,2,4 (weak scaling)")
     b.add_argument("--quick", action="store_true", help="tiny defaults (32 px, batch 4, 2 steps, jax and torch)")
+    b.add_argument("--pipeline", action="store_true",
+                   help="instead: the train step fed by the on-device and the host input pipelines against a "
+                        "batch already on the device (JAX only; --precision and --devices apply)")
     b.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--deadline", type=float, help="Unix time after which no further runner starts")
