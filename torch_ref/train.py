@@ -116,7 +116,8 @@ def crop_boxes(u: torch.Tensor, min_scale: float, height: int, width: int):
 def _bilinear_axis(x: torch.Tensor, start: torch.Tensor, length: torch.Tensor, dim: int) -> torch.Tensor:
     """Axis 1 or 2 of NHWC resampled to cover [start, start + length) (jaxcell.data.augment._bilinear_axis)."""
     size = x.shape[dim]
-    centres = start[:, None] + (torch.arange(size, dtype=x.dtype, device=x.device) + 0.5) * (length[:, None] / size) - 0.5
+    pixels = torch.arange(size, dtype=x.dtype, device=x.device)
+    centres = start[:, None] + (pixels + 0.5) * (length[:, None] / size) - 0.5
     below = torch.floor(centres)
     frac = centres - below
     i0 = below.clamp(0, size - 1).long()
