@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite, one prepared run: every registered model at 224 px, bf16 and fp32,
-# JAX against PyTorch eager and torch.compile (training step and inference), on one GPU, inside
+# JAX against PyTorch eager and torch.compile (training step and inference), and the input
+# pipeline's cost for lightnetcell and resnet18 (jaxcell bench --pipeline), on one GPU, inside
 # a time budget of about 9 minutes (BUDGET_S=540). Needs no network. See docs/benchmarks.md.
 #
 #     bench/gpu.sh OUTDIR            # writes OUTDIR/results.json, OUTDIR/summary.md, OUTDIR/log.txt
 #     QUICK=1 bench/gpu.sh OUTDIR    # or --quick: a tiny model on the CPU in seconds (checks the script)
 #
 # Work runs in order of importance, one process per model and pass: bf16 jax+torch, fp32
-# jax+torch, then torch.compile bf16 and fp32. Each process gets the shared deadline; a runner
+# jax+torch, the bf16 input-pipeline pass (PIPELINE_MODELS, one device), then torch.compile
+# bf16 and fp32. Each process gets the shared deadline; a runner
 # that would start after it is recorded as skipped, a failing one with its error (out of memory,
 # a compiler missing), and the suite goes on. PYTHON picks the interpreter (default: the
 # checkout's .venv if it has jax and torch, else python3); the checkout is put on PYTHONPATH.
@@ -38,12 +40,14 @@ if [ "$QUICK" = 1 ]; then
   MODELS=${MODELS:-lightnetcell}
   SIZE=32; STEPS=2; WARMUP=1; BUDGET=${BUDGET_S:-120}; DEVICES=1,2
   EXTRA=(--model-arg "widths=(8,16,16)" --model-arg hidden=16)
-  PASSES=("fp32,bf16 jax,torch")
+  PASSES=("fp32,bf16 jax,torch" "fp32 pipeline")
+  PIPELINE_MODELS=${PIPELINE_MODELS:-lightnetcell}
 else
   MODELS=${MODELS:-$("$PYTHON" -c "import jaxcell.models as m; print(' '.join(m.names()))")}
   SIZE=224; STEPS=${STEPS:-10}; WARMUP=2; BUDGET=${BUDGET_S:-540}; DEVICES=1,2,4,8
   EXTRA=()
-  PASSES=("bf16 jax,torch" "fp32 jax,torch" "bf16 torch-compile" "fp32 torch-compile")
+  PASSES=("bf16 jax,torch" "fp32 jax,torch" "bf16 pipeline" "bf16 torch-compile" "fp32 torch-compile")
+  PIPELINE_MODELS=${PIPELINE_MODELS:-lightnetcell resnet18}
 fi
 DEADLINE=$(( $(date +%s) + BUDGET ))
 
@@ -57,7 +61,13 @@ batch_for() {  # per-device batch: 256 where the activations fit an 80 GB card c
 
 for pass in "${PASSES[@]}"; do
   read -r precision frameworks <<< "$pass"
-  for model in $MODELS; do
+  models=$MODELS
+  what=(--frameworks "$frameworks" --devices "$DEVICES")
+  if [ "$frameworks" = pipeline ]; then  # the trainer's step fed by each input pipeline; JAX only
+    models=$PIPELINE_MODELS
+    what=(--pipeline --devices 1)
+  fi
+  for model in $models; do
     now=$(date +%s)
     if [ "$now" -ge "$DEADLINE" ]; then
       echo "skip $model $precision $frameworks: time budget spent" | tee -a "$LOG"
@@ -68,7 +78,7 @@ for pass in "${PASSES[@]}"; do
     # The harness stops starting runners at the deadline; the timeout ends one that hangs.
     timeout --kill-after=10 $((DEADLINE - now + 60)) "$PYTHON" -m jaxcell.cli bench --model "$model" \
       --image-size "$SIZE" --batch-size "$(batch_for "$model")" --precision "$precision" \
-      --frameworks "$frameworks" --steps "$STEPS" --warmup "$WARMUP" --devices "$DEVICES" \
+      "${what[@]}" --steps "$STEPS" --warmup "$WARMUP" \
       --deadline "$DEADLINE" --json "$json" ${EXTRA[@]+"${EXTRA[@]}"} >> "$LOG" 2>&1 \
       || echo "   exit status $? ($model $precision $frameworks)" | tee -a "$LOG"
   done

@@ -29,6 +29,10 @@ adaptations (XLA's default compiler options, the max-pool gradient XLA derives i
 before/after comparisons (docs/benchmarks.md); on GPUs it is the same as "jax". A runner that fails (torch.compile without a working C++ compiler, out of
 memory) is recorded with its error; the others go on.
 
+Input pipeline (run_pipeline, `jaxcell bench --pipeline`): the trainer's step fed by the
+on-device pipeline and by the host prefetch thread, against the same step on a batch already on
+the device; JAX only.
+
 Needs jax, flax, optax, torch and numpy; nothing here imports a data package.
 """
 
@@ -201,7 +205,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         log(f"bench: device counts {left_out} left out: {jax.device_count()} JAX device(s) present")
     with _layer_defaults(True):  # the model's own FLOPs, not those of its XLA:CPU workarounds' forms
         flops = summarize(cfg.model, cfg.image_size, **cfg.model_kwargs)["flops_per_image"]
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_before = _load()
 
     runners: list[_Runner] = []
     for precision in cfg.precisions:
@@ -219,6 +223,28 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     if not interleave:  # torch first: its cached memory is released before JAX's allocator grows
         runners.sort(key=lambda r: (r.precision, r.framework.startswith("jax")))
 
+    _execute(runners, cfg, interleave, log)
+    results = [_row(cfg, r, flops) for r in runners]
+    _add_ratios(results)
+    env = {
+        "jax": jax.__version__, "torch": torch.__version__, "jax_platform": jax_platform,
+        "jax_devices": jax.device_count(), "torch_device": "cuda" if on_gpu else "cpu",
+        "torch_threads": torch.get_num_threads(), "interleaved": interleave,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "xla_compiler_options": _jax_options_used(),
+        "load_average_before": load_before,
+        "load_average_after": _load(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return {"results": results, "environment": env}
+
+
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _execute(runners: list[_Runner], cfg: BenchConfig, interleave: bool, log: Callable[[str], None]) -> None:
+    """Warm up and time every runner: step by step in turn (interleave), or one after another."""
     def expired() -> bool:
         return cfg.deadline is not None and time.time() > cfg.deadline
 
@@ -245,20 +271,6 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                 r.time_one()
             r.close()
 
-    results = [_row(cfg, r, flops) for r in runners]
-    _add_ratios(results)
-    env = {
-        "jax": jax.__version__, "torch": torch.__version__, "jax_platform": jax_platform,
-        "jax_devices": jax.device_count(), "torch_device": "cuda" if on_gpu else "cpu",
-        "torch_threads": torch.get_num_threads(), "interleaved": interleave,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "xla_compiler_options": _jax_options_used(),
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    return {"results": results, "environment": env}
-
 
 def _jax_options_used():
     import jax
@@ -273,7 +285,7 @@ def _row(cfg: BenchConfig, r: _Runner, flops: float) -> dict:
            "batch_size": r.batch_size, "per_device_batch": cfg.batch_size, "precision": r.precision,
            "devices": r.devices, "images_per_s": None, "step_ms_median": None, "step_ms_min": None,
            "steps": len(r.times), "flops_per_image": flops,
-           "flops_factor": TRAIN_FLOPS_FACTOR if r.mode == "train" else 1,
+           "flops_factor": TRAIN_FLOPS_FACTOR if r.mode.startswith("train") else 1,
            "achieved_tflops": None, "peak_tflops": peak_tflops(r.device_name, r.precision), "mfu": None,
            "device_name": r.device_name, "compile_s": r.compile_s, "error": r.error,
            "model_kwargs": cfg.model_kwargs}
@@ -303,6 +315,120 @@ def _add_ratios(rows: list[dict]) -> None:
         one = find(r, r["framework"]) if r["framework"].startswith("jax") else None
         r["scaling_efficiency"] = (r["images_per_s"] / (r["devices"] * one["images_per_s"])
                                    if one and r["images_per_s"] else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The input pipeline's cost (jaxcell.pipeline): the trainer's step fed three ways.
+
+PIPELINE_MODES = {"train-pipeline-none": None, "train-pipeline-device": "device", "train-pipeline-host": "host"}
+PIPELINE_BATCHES = 8  # the synthetic training split holds this many global batches
+
+
+def run_pipeline(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
+    """jaxcell's real train step (the trainer's default augmentation in the jit) fed (a) by the
+    on-device pipeline (indices sent, the batch gathered in the step), (b) by the host prefetch
+    thread (batches gathered in host memory and sent ahead), and (c) with one batch already on
+    the device, given again every step ("train-pipeline-none"). Rows as run()'s, JAX only, plus
+    `vs_on_device`: step time over (c)'s, the pipeline's cost as a factor (1.0: free).
+
+    The runners go one after another, never interleaved: a prefetch thread working during
+    another runner's steps would hide its own cost and slow the other's.
+    """
+    import jax
+    import optax
+
+    from jaxcell import models, pipeline, train
+    from jaxcell.errors import UserError
+    from jaxcell.summary import summarize
+
+    models.spec(cfg.model)
+    bad = [p for p in cfg.precisions if p not in PRECISIONS]
+    if bad:
+        raise UserError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
+    counts = sorted({d for d in cfg.devices if 1 <= d <= jax.device_count()})
+    with _layer_defaults(True):
+        flops = summarize(cfg.model, cfg.image_size, **cfg.model_kwargs)["flops_per_image"]
+    load_before = _load()
+    kw = dict(num_classes=4, image_size=cfg.image_size, **cfg.model_kwargs)
+    device_name = _short(jax.devices()[0].device_kind)
+    augment = train.augmentation(train.TrainConfig())
+
+    splits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def split(batch: int) -> tuple[np.ndarray, np.ndarray]:
+        if batch not in splits:
+            rng = np.random.default_rng(cfg.seed)
+            images = rng.integers(0, 256, (batch * PIPELINE_BATCHES, cfg.image_size, cfg.image_size, 3), np.uint8)
+            splits[batch] = images, rng.integers(0, kw["num_classes"], len(images)).astype(np.int32)
+        return splits[batch]
+
+    model = models.create(cfg.model, **kw)
+    steps: dict[tuple, Callable] = {}  # "none" and "host" run one program: compiled once
+    inits: dict[int, Callable] = {}
+
+    def builder(feed_mode: str | None, precision: str, devices: int):
+        def build():
+            placement = train.Placement.over(jax.devices()[:devices])
+            batch = cfg.batch_size * devices
+            images, labels = split(batch)
+            if devices not in inits:
+                inits[devices] = jax.jit(lambda r: train.init_state(model, optax.adam(cfg.lr), cfg.image_size, r),
+                                         out_shardings=placement.replicated)
+            state = inits[devices](train.init_key(cfg.seed))
+            program = (precision, devices, feed_mode == "device")
+            indices = lambda k: train.batch_indices(cfg.seed, k, len(labels), batch)  # noqa: E731
+            feed = None
+            if feed_mode == "device":
+                feed = pipeline.DeviceFeed(placement, images, labels, indices)
+            elif feed_mode == "host":
+                feed = pipeline.HostFeed(placement, images, labels, indices, range(2**62))
+            else:
+                fixed = (placement.put_batch({"image": images[indices(0)], "label": labels[indices(0)]}),)
+            inputs = feed.inputs if feed is not None else lambda k: fixed
+            key = jax.random.key(cfg.seed)
+            holder, counter = [state], [1]
+            try:
+                first = inputs(0)  # compiled ahead of the first step, on batch 0
+                if program not in steps:
+                    step, _ = train.compile_steps(placement, models.spec(cfg.model).preprocessing, augment,
+                                                  precision, gather=program[2])
+                    steps[program] = step.lower(state, *first, key).compile()
+                step = steps[program]
+            except BaseException:
+                if feed is not None:
+                    feed.close()
+                raise
+
+            def one():
+                holder[0], metrics = step(holder[0], *inputs(counter[0]), key)
+                counter[0] += 1
+                jax.block_until_ready((holder[0], metrics))
+
+            def release():
+                holder.clear()
+                if feed is not None:
+                    feed.close()
+
+            return one, release
+
+        return build
+
+    runners = [_Runner("jax", mode, precision, d, cfg.batch_size * d, builder(feed_mode, precision, d),
+                       device_name=device_name)
+               for precision in cfg.precisions for d in counts for mode, feed_mode in PIPELINE_MODES.items()]
+    _execute(runners, cfg, interleave=False, log=log)
+    results = [_row(cfg, r, flops) for r in runners]
+    _add_ratios(results)
+    for r in results:
+        base = next((b for b in results if b["mode"] == "train-pipeline-none" and b["precision"] == r["precision"]
+                     and b["devices"] == r["devices"] and b["step_ms_median"]), None)
+        r["vs_on_device"] = r["step_ms_median"] / base["step_ms_median"] if base and r["step_ms_median"] else None
+    env = {"jax": jax.__version__, "jax_platform": jax.devices()[0].platform, "jax_devices": jax.device_count(),
+           "interleaved": False, "augmentation": augment, "dataset_batches": PIPELINE_BATCHES,
+           "xla_compiler_options": _jax_options_used(), "load_average_before": load_before,
+           "load_average_after": _load(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {"results": results, "environment": env}
 
 
 class _Setup:
@@ -496,7 +622,21 @@ def markdown(report: dict) -> str:
             f"| {_fmt(r['vs_torch'], '.2f')} | {_fmt(r['vs_torch_compile'], '.2f')} |")
     lines += ["", f"GFLOP/image: forward from XLA's cost analysis, x{TRAIN_FLOPS_FACTOR} for a training step. "
               "x torch: images/s over torch eager's in the same mode and precision."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _pipeline_lines(rows)) + "\n"
+
+
+def _pipeline_lines(rows: list[dict]) -> list[str]:
+    """The run_pipeline ratios as a small table (nothing for other reports)."""
+    rows = [r for r in rows if r.get("vs_on_device") and r["mode"] != "train-pipeline-none"]
+    if not rows:
+        return []
+    lines = ["", "Input pipeline: step time over the same step on a batch already on the device.", "",
+             "| model | precision | devices | batch | pipeline | step ms | x on-device step |",
+             "|---|---|---:|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['precision']} | {r['devices']} | {r['batch_size']} "
+                     f"| {r['mode'].rsplit('-', 1)[1]} | {r['step_ms_median']:.1f} | {r['vs_on_device']:.3f} |")
+    return lines
 
 
 def merge(reports: list[dict]) -> dict:
@@ -522,7 +662,7 @@ def summary_markdown(rows: list[dict]) -> str:
                      f"| {_fmt(r['achieved_tflops'], '.2f')} | {_fmt(r['mfu'], '.1%')} "
                      f"| {_fmt(r['vs_torch'], '.2f')} | {_fmt(r['vs_torch_compile'], '.2f')} |")
     devices = sorted({r["device_name"] for r in rows})
-    text = f"Devices: {'; '.join(devices)}.\n\n" + "\n".join(lines) + "\n"
+    text = f"Devices: {'; '.join(devices)}.\n\n" + "\n".join(lines + _pipeline_lines(rows)) + "\n"
     return text + ("\nNot measured:\n\n" + "\n".join(failed) + "\n" if failed else "")
 
 
@@ -554,7 +694,8 @@ def config_from_args(args) -> BenchConfig:
 
 def command(args) -> int:
     cfg = config_from_args(args)
-    report = run(cfg, log=lambda m: print(m, flush=True))
+    measure = run_pipeline if getattr(args, "pipeline", False) else run
+    report = measure(cfg, log=lambda m: print(m, flush=True))
     write(report, args.json, args.markdown)
     print(markdown(report))
     return 0

@@ -14,7 +14,7 @@
     jaxcell import    --torch FILE --workdir DIR [--model NAME]
     jaxcell summary   [--model NAME] [--image-size N]
     jaxcell bench     --model NAME --json FILE [--image-size N] [--batch-size N] [--precision fp32,bf16]
-                      [--frameworks jax,torch,torch-compile] [--steps N] [--devices 1,2,4] [--quick]
+                      [--frameworks jax,torch,torch-compile] [--steps N] [--devices 1,2,4] [--quick] [--pipeline]
 
 Mistakes a user can fix (paths, names, files) end with one line on stderr and exit code 2.
 """
@@ -46,10 +46,17 @@ def positive(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def area_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be an area fraction in (0, 1], got {text}")
     return value
 
 
@@ -66,7 +73,7 @@ def _evaluation_args(e: argparse.ArgumentParser, ensemble: bool) -> None:
     e.add_argument("--checkpoint", default="best", help="best, last or a step number")
     e.add_argument("--batch-size", type=positive, default=64)
     e.add_argument("--tta", action="store_true", help="average over the 8 flips and 90-degree rotations")
-    e.add_argument("--stain-shift", type=_non_negative_float, default=0.0, metavar="S",
+    e.add_argument("--stain-shift", type=non_negative_float, default=0.0, metavar="S",
                    help="evaluate on HED stain-shifted copies of the images (strength S, e.g. 0.03)")
     e.add_argument("--stain-seed", type=int, default=0, help="the fixed seed of --stain-shift")
     e.add_argument("--cache-dir")
@@ -103,8 +110,16 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     t.add_argument("--no-augment", action="store_true", help="no flips, rotations, stain or colour jitter")
     t.add_argument("--stain-jitter", type=float, default=0.05, metavar="S", help="HED jitter strength")
     t.add_argument("--color-jitter", type=float, default=0.1, metavar="S")
+    t.add_argument("--crop-scale", type=area_fraction, default=1.0, metavar="S",
+                   help="random resized crops covering an area fraction in [S, 1] of the image (default 1: off)")
+    t.add_argument("--hue-jitter", type=non_negative_float, default=0.0, metavar="H",
+                   help="rotate the hue by up to H of a full turn, e.g. 0.05 (default 0: off)")
     t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: bfloat16 compute, float32 parameters, optimizer state and statistics")
+    t.add_argument("--input-pipeline", choices=["auto", "device", "host"], default="auto",
+                   help="device: the training images stay on every device, each step sends indices; host: a "
+                        "thread gathers and sends batches ahead; auto: device when the training split fits "
+                        "in a quarter of the smallest device's memory")
     t.add_argument("--workdir", required=True)
     t.add_argument("--resume", action="store_true", help="continue the run in --workdir")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --workdir")
@@ -210,6 +225,9 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     b.add_argument("--warmup", type=positive, help="untimed steps first, compilation included")
     b.add_argument("--devices", type=_counts, default=[1], help="JAX device counts, e.g. 1,2,4 (weak scaling)")
     b.add_argument("--quick", action="store_true", help="tiny defaults (32 px, batch 4, 2 steps, jax and torch)")
+    b.add_argument("--pipeline", action="store_true",
+                   help="instead: the train step fed by the on-device and the host input pipelines against a "
+                        "batch already on the device (JAX only; --precision and --devices apply)")
     b.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--deadline", type=float, help="Unix time after which no further runner starts")
@@ -294,7 +312,8 @@ def cmd_train(args) -> int:
                          data=os.path.abspath(args.data) if args.data else None,
                          synthetic_examples=args.synthetic_examples, checkpoint_every=args.checkpoint_every,
                          augment=not args.no_augment, stain_jitter=args.stain_jitter,
-                         color_jitter=args.color_jitter, precision=args.precision,
+                         color_jitter=args.color_jitter, crop_scale=args.crop_scale,
+                         hue_jitter=args.hue_jitter, precision=args.precision, input_pipeline=args.input_pipeline,
                          schedule=args.schedule, warmup_steps=args.warmup_steps,
                          init_from=os.path.abspath(args.init_from) if args.init_from else None,
                          freeze_backbone=args.freeze_backbone, head_epochs=args.head_epochs,

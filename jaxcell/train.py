@@ -3,6 +3,10 @@
     state, metrics = train_step(state, batch, rng)      # pure; jitted once
     logits = eval_step(state, images)
 
+The batch reaches the step through jaxcell.pipeline: by default the training split stays on the
+devices and the step gathers its batch there from indices (make_gather_step), or a thread
+prefetches batches from host memory; the batches, and so the results, are the same.
+
 The batch is sharded over a Mesh of all devices on its "data" axis and the state is replicated,
 so BatchNorm sees the global batch (synchronized statistics) and 1 or N devices compute the same
 numbers for the same global batch. Data order and every random number derive from (seed, step):
@@ -23,7 +27,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxcell import models
+from jaxcell import models, pipeline
 from jaxcell.checkpoint import Checkpoints
 from jaxcell.data import Dataset
 from jaxcell.data.augment import augment as augment_images
@@ -46,9 +50,12 @@ class TrainConfig:
     data: str | None = None            # a class-folder tree; None: synthetic smears
     synthetic_examples: int = 1200
     checkpoint_every: int = 0          # steps; 0: at the end of each epoch only
-    augment: bool = True               # flips and rotations, stain and colour jitter
+    augment: bool = True               # flips and rotations, stain and colour jitter (and crops, hue if set)
     stain_jitter: float = 0.05         # HED jitter strength
     color_jitter: float = 0.1
+    crop_scale: float = 1.0            # random resized crops of area fraction in [crop_scale, 1]; 1: none
+    hue_jitter: float = 0.0            # hue rotation by up to this fraction of a full turn; 0: none
+    input_pipeline: str = "auto"       # "device", "host" or "auto" (jaxcell.pipeline)
     precision: str = "fp32"            # "bf16": bfloat16 compute, float32 parameters, optimizer and statistics
     schedule: str = "cosine"           # learning rate after warm-up: "cosine" decay or "constant"
     warmup_steps: int | None = None    # None: a tenth of the run
@@ -60,6 +67,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        """UserError for values no run can use (the CLI's argument types catch them first)."""
+        if not 0 < self.crop_scale <= 1:
+            raise UserError(f"crop_scale must be an area fraction in (0, 1], got {self.crop_scale}")
+        if not self.hue_jitter >= 0:
+            raise UserError(f"hue_jitter must be >= 0, got {self.hue_jitter}")
+        if self.input_pipeline not in pipeline.PIPELINES:
+            raise UserError(f"unknown input pipeline {self.input_pipeline!r}; use {', '.join(pipeline.PIPELINES)}")
 
 
 class TrainState(train_state.TrainState):
@@ -198,6 +214,19 @@ def make_train_step(preprocessing: dict, augment: dict | None = None, precision:
     return train_step
 
 
+def make_gather_step(train_step: Callable, batch_sharding) -> Callable:
+    """train_step fed from device-resident data: (state, data, index, rng), where data holds the
+    whole training split ({"image", "label"}, replicated) and index the batch's positions in it
+    (sharded like a batch). The gathered batch is laid out as a host-fed one would be, then the
+    same step body runs."""
+
+    def gather_step(state: TrainState, data: dict, index: jax.Array, rng: jax.Array):
+        batch = jax.lax.with_sharding_constraint(jax.tree.map(lambda a: a[index], data), batch_sharding)
+        return train_step(state, batch, rng)
+
+    return gather_step
+
+
 def make_eval_step(preprocessing: dict) -> Callable:
     def eval_step(state: TrainState, images: jax.Array) -> jax.Array:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -263,7 +292,10 @@ def sync_processes(name: str) -> None:
 
 
 def augmentation(config: TrainConfig) -> dict | None:
-    return {"stain": config.stain_jitter, "color": config.color_jitter} if config.augment else None
+    if not config.augment:
+        return None
+    return {"stain": config.stain_jitter, "color": config.color_jitter, "crop": config.crop_scale,
+            "hue": config.hue_jitter}
 
 
 # XLA:CPU (jax 0.10) hands convolutions, large dots and reductions to YNNPACK. Its convolution
@@ -292,11 +324,19 @@ def compiler_options(placement: Placement) -> dict | None:
     return dict(CPU_COMPILER_OPTIONS) if _cpu_options_ok["ok"] else None
 
 
-def compile_steps(placement: Placement, preprocessing: dict, augment: dict | None = None, precision: str = "fp32"):
+def compile_steps(placement: Placement, preprocessing: dict, augment: dict | None = None, precision: str = "fp32",
+                  gather: bool = False):
+    """(train_step, eval_step), jitted over `placement`. gather: the train step takes
+    (state, data, index, rng) (make_gather_step, for pipeline.DeviceFeed) instead of (state, batch, rng)."""
     rep, bat = placement.replicated, placement.batch
     options = compiler_options(placement)
-    train_step = jax.jit(make_train_step(preprocessing, augment, precision), in_shardings=(rep, bat, rep),
-                         out_shardings=(rep, rep), donate_argnums=0, compiler_options=options)
+    step = make_train_step(preprocessing, augment, precision)
+    if gather:
+        train_step = jax.jit(make_gather_step(step, bat), in_shardings=(rep, rep, bat, rep),
+                             out_shardings=(rep, rep), donate_argnums=0, compiler_options=options)
+    else:
+        train_step = jax.jit(step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0,
+                             compiler_options=options)
     # Logits come back replicated, so every process can read all of them (they are small).
     eval_step = jax.jit(make_eval_step(preprocessing), in_shardings=(rep, bat), out_shardings=rep,
                         compiler_options=options)
@@ -327,6 +367,13 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 def step_rng(seed: int, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
+    """The positions in the training split (n images) of the batch of `step`: the epoch's
+    permutation, taken in order a batch at a time (a last partial batch is left out), sorted."""
+    epoch, i = divmod(step, n // batch_size)
+    return np.sort(epoch_order(seed, epoch, n)[i * batch_size:(i + 1) * batch_size])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,6 +481,7 @@ class _StopSignals:
 
 def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, resume: bool = False,
           overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+    config.check()
     placement = Placement.over(devices)
     if config.batch_size % placement.size:
         raise UserError(f"--batch-size {config.batch_size} is not a multiple of the {placement.size} devices")
@@ -462,24 +510,31 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
         if config.init_from:
             state = load_pretrained(config, state, len(dataset.class_names), log)
             state = jax.device_put(state, placement.replicated)
-    train_step, eval_step = compile_steps(placement, record["preprocessing"], augmentation(config), config.precision)
-
     step = int(local(state.step))
+    mode, why = pipeline.choose(config.input_pipeline, placement, train_images.nbytes + train_labels.nbytes)
+    if is_main_process():
+        log(f"input pipeline: {mode} ({why})")
+    train_step, eval_step = compile_steps(placement, record["preprocessing"], augmentation(config), config.precision,
+                                          gather=mode == "device")
+
+    def open_feed():
+        indices = lambda k: batch_indices(config.seed, k, len(train_labels), config.batch_size)  # noqa: E731
+        if mode == "device":
+            return pipeline.DeviceFeed(placement, train_images, train_labels, indices)
+        return pipeline.HostFeed(placement, train_images, train_labels, indices, range(step, total_steps))
+
     history = [h for h in read_history(workdir) if h["step"] <= step] if resume else []
     if is_main_process():
         _write_history(workdir, history)  # epochs logged after the restored checkpoint are redone
     start = time.perf_counter()
     bar = _progress(total_steps, step, progress and is_main_process())
     try:
-        with _StopSignals() as signals:
+        with open_feed() as feed, _StopSignals() as signals:
             while step < total_steps and signals.received is None:
                 epoch, position = divmod(step, steps_per_epoch)
-                order = epoch_order(config.seed, epoch, len(train_labels))
                 sums = np.zeros(2)
                 for i in range(position, steps_per_epoch):
-                    idx = np.sort(order[i * config.batch_size:(i + 1) * config.batch_size])
-                    batch = placement.put_batch({"image": train_images[idx], "label": train_labels[idx]})
-                    state, metrics = train_step(state, batch, step_rng(config.seed, step))
+                    state, metrics = train_step(state, *feed.inputs(step), step_rng(config.seed, step))
                     loss, acc, grad_norm, finite = (float(local(metrics[k]))
                                                     for k in ("loss", "accuracy", "grad_norm", "finite"))
                     if not (finite and np.isfinite(grad_norm)):

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcell.data.augment import augment, color_jitter, dihedral, hed_jitter
+from jaxcell.data.augment import (augment, color_jitter, crop_boxes, dihedral, hed_jitter, hue_jitter,
+                                  resized_crop)
 
 
 def images(n=4, size=12, seed=0):
@@ -39,3 +40,58 @@ def test_color_jitter_and_augment_stay_in_range_and_depend_on_the_key():
         assert float(y.min()) >= 0 and float(y.max()) <= 1
     np.testing.assert_array_equal(augment(x, jax.random.key(5)), augment(x, jax.random.key(5)))
     assert not np.array_equal(augment(x, jax.random.key(5)), augment(x, jax.random.key(6)))
+
+
+def test_new_options_off_leave_the_augmentation_as_it_was():
+    x = images(8)
+    np.testing.assert_array_equal(augment(x, jax.random.key(2), crop=1.0, hue=0.0), augment(x, jax.random.key(2)))
+
+
+def test_crop_at_scale_one_and_hue_at_zero_are_the_identity():
+    x = images(8)
+    np.testing.assert_array_equal(resized_crop(x, jax.random.key(0), 1.0), x)
+    np.testing.assert_array_equal(hue_jitter(x, jax.random.key(0), 0.0), x)
+
+
+def test_crop_boxes_have_the_drawn_area_a_bounded_aspect_and_fit_the_image():
+    u = jax.random.uniform(jax.random.key(1), (4, 1000))
+    top, left, h, w = map(np.asarray, crop_boxes(u, 0.3, 32, 32))
+    area = 0.3 + 0.7 * np.asarray(u[0])
+    np.testing.assert_allclose(h * w / 32**2, area, rtol=1e-5)
+    assert np.all(w / h >= 3 / 4 - 1e-5) and np.all(w / h <= 4 / 3 + 1e-5)
+    assert np.all(top >= 0) and np.all(left >= 0) and np.all(top + h <= 32 + 1e-4) and np.all(left + w <= 32 + 1e-4)
+    assert area.min() < 0.35 and area.max() > 0.95  # the whole range is drawn
+
+
+def test_crops_keep_shape_and_range_and_zoom_in():
+    x = images(16, size=24)
+    y = resized_crop(x, jax.random.key(4), 0.25)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert float(y.min()) >= float(x.min()) and float(y.max()) <= float(x.max())  # convex combinations
+    assert np.all(np.asarray(jnp.abs(y - x).mean(axis=(1, 2, 3))) > 1e-3)  # every image cropped
+    # a crop of a constant image is that constant; of a left-right ramp, a ramp with a smaller slope
+    flat = jnp.full((4, 16, 16, 3), 0.3, jnp.float32)
+    np.testing.assert_allclose(resized_crop(flat, jax.random.key(0), 0.3), flat, atol=1e-6)
+    ramp = jnp.broadcast_to(jnp.linspace(0, 1, 16)[None, None, :, None], (4, 16, 16, 3))
+    slope = np.diff(np.asarray(resized_crop(ramp, jax.random.key(0), 0.3))[:, 8, 1:-1, 0], axis=1)
+    assert np.all(slope >= 0) and np.all(slope.max(axis=1) <= 1 / 15 + 1e-6)
+
+
+def test_hue_turns_colours_keeps_grey_and_brightness():
+    x = images(8)
+    y = hue_jitter(x, jax.random.key(2), 0.25)
+    assert float(jnp.abs(y - x).mean()) > 1e-2
+    grey = jnp.broadcast_to(x[..., :1], x.shape)
+    np.testing.assert_allclose(hue_jitter(grey, jax.random.key(2), 0.5), grey, atol=1e-6)
+    mid = jnp.full((2, 4, 4, 3), 0.5) + jnp.array([0.2, -0.1, -0.1])  # unclipped: R+G+B is kept
+    np.testing.assert_allclose(hue_jitter(mid, jax.random.key(3), 0.5).sum(-1), mid.sum(-1), atol=1e-6)
+
+
+def test_crop_and_hue_are_drawn_per_image_from_the_key():
+    x = jnp.broadcast_to(images(1), (6, 12, 12, 3))  # six copies of one image
+    for f in (lambda k: resized_crop(x, k, 0.4), lambda k: hue_jitter(x, k, 0.2),
+              lambda k: augment(x, k, crop=0.5, hue=0.1)):
+        a, b = np.asarray(f(jax.random.key(7))), np.asarray(f(jax.random.key(8)))
+        np.testing.assert_array_equal(a, np.asarray(f(jax.random.key(7))))
+        assert not np.array_equal(a, b)
+        assert len({a[i].tobytes() for i in range(6)}) == 6  # each copy augmented its own way

@@ -24,13 +24,22 @@ TINY = {"widths": (8, 16, 16), "hidden": 16}
 
 def test_gpu_script_quick_mode_measures_jax_and_torch(tmp_path):
     """bench/gpu.sh --quick: one pass on the CPU; every runner gives a throughput, the figures
-    hang together, and JAX also runs on 2 of the 4 virtual devices (weak scaling)."""
+    hang together, and JAX also runs on 2 of the 4 virtual devices (weak scaling); then the
+    input-pipeline pass."""
     out = tmp_path / "out"
     done = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), str(out), "--quick"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = json.loads((out / "results.json").read_text())["results"]
     assert not [r for r in rows if r["error"]], (out / "log.txt").read_text()
+    piped = [r for r in rows if r["mode"].startswith("train-pipeline")]  # the input-pipeline pass
+    assert sorted(r["mode"] for r in piped) == sorted(bench.PIPELINE_MODES)
+    on_device = next(r for r in piped if r["mode"] == "train-pipeline-none")
+    for r in piped:
+        assert r["precision"] == "fp32" and r["devices"] == 1 and r["flops_factor"] == 3
+        assert r["vs_on_device"] == pytest.approx(r["step_ms_median"] / on_device["step_ms_median"])
+    assert "Input pipeline: step time" in (out / "summary.md").read_text()
+    rows = [r for r in rows if r not in piped]
     got = {(r["precision"], r["mode"], r["framework"], r["devices"]) for r in rows}
     want = {(p, m, f, d) for p in ("fp32", "bf16") for m in ("train", "infer")
             for f, d in (("jax", 1), ("jax", 2), ("torch", 1))}
@@ -48,7 +57,7 @@ def test_gpu_script_quick_mode_measures_jax_and_torch(tmp_path):
                 o["images_per_s"] for o in rows if (o["framework"], o["precision"], o["mode"], o["devices"])
                 == ("jax", r["precision"], r["mode"], 1)))
     summary = (out / "summary.md").read_text()
-    assert summary.count("| lightnetcell |") == len(rows)
+    assert summary.count("| lightnetcell |") == len(rows) + len(piped) + 2  # + the pipeline table's two
 
 
 def test_a_failing_runner_is_recorded_and_the_others_go_on(monkeypatch):
@@ -186,3 +195,4 @@ def test_cpu_compiler_options_keep_convolutions_off_ynnpack():
     conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
     ours = jax.jit(conv, compiler_options=options).lower(x, w).compile().as_text()
     assert "__ynn_fusion" not in ours and "convolution(" in ours  # (jax 0.10.2's default: a __ynn_fusion)
+

@@ -16,9 +16,15 @@ TINY = ["--model-arg", "widths=(8,16,16)", "--model-arg", "hidden=16"]
 def workdir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("cli") / "run")
     code = main(["train", "--model", "lightnetcell", *TINY, "--image-size", "16", "--epochs", "2",
-                 "--batch-size", "8", "--synthetic-examples", "80", "--workdir", path, "--no-progress"])
+                 "--batch-size", "8", "--synthetic-examples", "80", "--workdir", path, "--no-progress",
+                 "--crop-scale", "0.8", "--hue-jitter", "0.05", "--input-pipeline", "host"])
     assert code == 0
     return path
+
+
+def test_train_records_its_augmentation_and_pipeline(workdir):
+    train = json.load(open(os.path.join(workdir, "config.json")))["train"]
+    assert (train["crop_scale"], train["hue_jitter"], train["input_pipeline"]) == (0.8, 0.05, "host")
 
 
 def test_evaluate_writes_the_report(workdir, tmp_path, capsys):
@@ -86,6 +92,21 @@ def test_user_errors_are_one_clear_line(argv, message, workdir, tmp_path, capsys
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--crop-scale", "0", "must be an area fraction in (0, 1], got 0"),
+    ("--crop-scale", "1.5", "must be an area fraction in (0, 1], got 1.5"),
+    ("--hue-jitter", "-0.1", "must be a number >= 0, got -0.1"),
+    ("--input-pipeline", "disk", "invalid choice: 'disk'"),
+])
+def test_bad_augmentation_and_pipeline_flags_are_refused(flag, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", flag, value, "--workdir", str(tmp_path / "w")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
 
 
 def test_a_corrupt_image_is_named_not_dropped(workdir, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """A real 2-process job on this machine (2 processes x 2 CPU devices, gloo collectives) trains to the
-same parameters and metrics as 1 process x 4 devices with the same seed and global batch."""
+same parameters and metrics as 1 process x 4 devices with the same seed and global batch, the one
+with the training split on the devices, the other fed from the host."""
 
 import json
 import os
@@ -40,9 +41,12 @@ def test_two_processes_match_one_process(tmp_path):
     address = f"127.0.0.1:{free_port()}"
     workers = [launch([*ARGS, "--workdir", multi, "--coordinator-address", address, "--num-processes", "2",
                        "--process-id", str(i)], devices=2) for i in range(2)]
-    finish(launch([*ARGS, "--workdir", single], devices=4))
+    # auto = device on CPUs: the 2-process job gathers its batches on the devices; the single
+    # process is fed from the host, the other pipeline, for the same batches
+    finish(launch([*ARGS, "--workdir", single, "--input-pipeline", "host"], devices=4))
     outputs = [finish(w) for w in workers]
     assert "trained lightnetcell" in outputs[0] and "trained" not in outputs[1]  # only process 0 reports
+    assert "input pipeline: device" in outputs[0] and "input pipeline" not in outputs[1]
 
     history = [[json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))] for d in (single, multi)]
     assert [h["step"] for h in history[0]] == [h["step"] for h in history[1]]

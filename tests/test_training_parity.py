@@ -140,6 +140,17 @@ def test_augmentation_computes_jaxcells_formulas():
     got = taug.color_jitter(torch.from_numpy(images), *map(torch.from_numpy, (b, c, s)))
     np.testing.assert_allclose(got.numpy(), want, atol=2e-6)
 
+    u = np.array(jax.random.uniform(rng, (4, n)))  # resized_crop's draws
+    for scale in (0.3, 1.0):
+        want = np.asarray(jaug.resized_crop(images, rng, scale))
+        got = taug.resized_crop(torch.from_numpy(images), torch.from_numpy(u), scale)
+        np.testing.assert_allclose(got.numpy(), want, atol=2e-6)
+
+    turns = np.array(jax.random.uniform(rng, (n,), minval=-0.2, maxval=0.2))
+    want = np.asarray(jaug.hue_jitter(images, rng, 0.2))
+    got = taug.hue_rotate(torch.from_numpy(images), torch.from_numpy(turns))
+    np.testing.assert_allclose(got.numpy(), want, atol=2e-6)
+
 
 def test_torch_trainer_writes_a_workdir_jaxcell_can_import_and_evaluate(tmp_path, capsys):
     from jaxcell.train import TrainConfig
@@ -148,10 +159,11 @@ def test_torch_trainer_writes_a_workdir_jaxcell_can_import_and_evaluate(tmp_path
     workdir = str(tmp_path / "torch-run")
     args = ["--model", "lightnetcell", "--model-arg", "widths=(8,16,16)", "--model-arg", "hidden=16",
             "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--synthetic-examples", "64",
-            "--workdir", workdir]
+            "--crop-scale", "0.5", "--hue-jitter", "0.05", "--workdir", workdir]
     assert torch_train(args) == 0
     record = json.load(open(os.path.join(workdir, "config.json")))
     assert set(record["train"]) == set(TrainConfig().to_dict())
+    assert (record["train"]["crop_scale"], record["train"]["hue_jitter"]) == (0.5, 0.05)
     assert record["model_kwargs"] == {"num_classes": 4, "image_size": 32, "widths": [8, 16, 16], "hidden": 16}
     history = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [h["epoch"] for h in history] == [1, 2]

@@ -5,8 +5,8 @@
 Same data and splits (jaxcell.data.load), same batch order (epoch_order: a permutation drawn from
 (seed, epoch), batches taken in order and sorted), Adam with optax.adam's defaults on the same
 learning-rate schedule (linear warm-up, then cosine decay or constant), softmax cross-entropy,
-the same augmentation (dihedral symmetries, HED stain jitter, colour jitter; the same formulas,
-torch's own random numbers), the same input normalization. It writes what
+the same augmentation (random resized crops, dihedral symmetries, HED stain jitter, hue rotation,
+colour jitter; the same formulas, torch's own random numbers), the same input normalization. It writes what
 `jaxcell train` writes, in the same shapes: config.json, metrics.jsonl (epoch, step, train_loss,
 train_accuracy, val_loss, val_accuracy, seconds), and instead of Orbax checkpoints the state
 dicts last.safetensors and best.safetensors (by validation accuracy) with their sidecars, which
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_ref
-from jaxcell.cli import model_arg, positive  # argparse types only; jaxcell.cli imports no jax at load
+from jaxcell.cli import area_fraction, model_arg, non_negative_float, positive  # argparse types; no jax at load
 from torch_ref import io
 
 CONFIG_FILE = "config.json"
@@ -100,13 +100,68 @@ def color_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tens
     return x.clamp(0.0, 1.0)
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, stain: float = 0.05, color: float = 0.1) -> torch.Tensor:
+ASPECT_RANGE = (3 / 4, 4 / 3)  # jaxcell.data.augment.ASPECT_RANGE
+
+
+def crop_boxes(u: torch.Tensor, min_scale: float, height: int, width: int):
+    """jaxcell.data.augment.crop_boxes: (top, left, height, width) in pixels from uniform u (4, N)."""
+    area = min_scale + (1.0 - min_scale) * u[0]
+    lo, hi = math.log(ASPECT_RANGE[0]), math.log(ASPECT_RANGE[1])
+    log_aspect = torch.minimum(torch.maximum(lo + (hi - lo) * u[1], torch.log(area)), -torch.log(area))
+    h = height * torch.sqrt(area * torch.exp(-log_aspect)).clamp(max=1.0)
+    w = width * torch.sqrt(area * torch.exp(log_aspect)).clamp(max=1.0)
+    return (height - h) * u[2], (width - w) * u[3], h, w
+
+
+def _bilinear_axis(x: torch.Tensor, start: torch.Tensor, length: torch.Tensor, dim: int) -> torch.Tensor:
+    """Axis 1 or 2 of NHWC resampled to cover [start, start + length) (jaxcell.data.augment._bilinear_axis)."""
+    size = x.shape[dim]
+    pixels = torch.arange(size, dtype=x.dtype, device=x.device)
+    centres = start[:, None] + (pixels + 0.5) * (length[:, None] / size) - 0.5
+    below = torch.floor(centres)
+    frac = centres - below
+    i0 = below.clamp(0, size - 1).long()
+    i1 = (below + 1).clamp(0, size - 1).long()
+    shape = (-1, size, 1, 1) if dim == 1 else (-1, 1, size, 1)
+    take = lambda i: torch.gather(x, dim, i.reshape(shape).expand(*[-1 if d == dim else s  # noqa: E731
+                                                                    for d, s in enumerate(x.shape)]))
+    frac = frac.reshape(shape)
+    return take(i0) * (1.0 - frac) + take(i1) * frac
+
+
+def resized_crop(x: torch.Tensor, u: torch.Tensor, min_scale: float) -> torch.Tensor:
+    """A crop per image from uniform draws u (4, N) (crop_boxes), resized back to H x W, bilinear."""
+    top, left, h, w = crop_boxes(u, min_scale, x.shape[1], x.shape[2])
+    return _bilinear_axis(_bilinear_axis(x, top, h, 1), left, w, 2)
+
+
+def hue_matrices(turns: torch.Tensor) -> torch.Tensor:
+    """jaxcell.data.augment.hue_matrices: rotations about the grey axis by `turns` (N,) of a turn."""
+    theta = (2 * math.pi * turns.double())[:, None, None]
+    k = torch.full((3,), 1 / math.sqrt(3), dtype=torch.float64)
+    cross = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]], dtype=torch.float64)
+    m = torch.cos(theta) * torch.eye(3, dtype=torch.float64) + torch.sin(theta) * cross \
+        + (1 - torch.cos(theta)) * torch.outer(k, k)
+    return m.float()
+
+
+def hue_rotate(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Hue rotated per image by `turns` (N,) of a full turn."""
+    return torch.einsum("nhwc,ndc->nhwd", x, hue_matrices(turns).to(x.device, x.dtype)).clamp(0.0, 1.0)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, stain: float = 0.05, color: float = 0.1,
+            crop: float = 1.0, hue: float = 0.0) -> torch.Tensor:
     """jaxcell's training augmentation (jaxcell.data.augment.augment), drawn from `generator`."""
     n = x.shape[0]
     u = lambda *shape: torch.rand(shape, generator=generator).to(x.device)  # noqa: E731
+    if crop < 1.0:
+        x = resized_crop(x, u(4, n), crop)
     x = dihedral(x, *(u(3, n) < 0.5))
     if stain:
         x = hed_jitter(x, 1 - stain + 2 * stain * u(n, 1, 1, 3), -stain + 2 * stain * u(n, 1, 1, 3))
+    if hue:
+        x = hue_rotate(x, -hue + 2 * hue * u(n))
     if color:
         b, c, s = 1 - color + 2 * color * u(3, n, 1, 1, 1)
         x = color_jitter(x, b, c, s)
@@ -165,7 +220,8 @@ def train(args: argparse.Namespace, dataset, preprocessing: dict, log=print) -> 
     model = torch_ref.create(args.model, **model_kwargs).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, **ADAM)
     generator = torch.Generator().manual_seed(args.seed)
-    augmentation = None if args.no_augment else {"stain": args.stain_jitter, "color": args.color_jitter}
+    augmentation = None if args.no_augment else {"stain": args.stain_jitter, "color": args.color_jitter,
+                                                  "crop": args.crop_scale, "hue": args.hue_jitter}
     record = {
         "model": args.model,
         "model_kwargs": model_kwargs,
@@ -179,8 +235,10 @@ def train(args: argparse.Namespace, dataset, preprocessing: dict, log=print) -> 
                   "data": os.path.abspath(args.data) if args.data else None,
                   "synthetic_examples": args.synthetic_examples, "checkpoint_every": 0,
                   "augment": not args.no_augment, "stain_jitter": args.stain_jitter,
-                  "color_jitter": args.color_jitter, "precision": "fp32", "schedule": args.schedule,
+                  "color_jitter": args.color_jitter, "crop_scale": args.crop_scale,
+                  "hue_jitter": args.hue_jitter, "precision": "fp32", "schedule": args.schedule,
                   "warmup_steps": args.warmup_steps,
+                  "input_pipeline": "auto",  # jaxcell's: batches here are gathered on the host
                   # fine-tuning is jaxcell's alone: from scratch here
                   "init_from": None, "freeze_backbone": False, "head_epochs": 0, "backbone_lr_scale": None},
         "framework": "torch",
@@ -259,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-augment", action="store_true", help="no flips, rotations, stain or colour jitter")
     t.add_argument("--stain-jitter", type=float, default=0.05, metavar="S")
     t.add_argument("--color-jitter", type=float, default=0.1, metavar="S")
+    t.add_argument("--crop-scale", type=area_fraction, default=1.0, metavar="S",
+                   help="random resized crops of area fraction in [S, 1] (1: off)")
+    t.add_argument("--hue-jitter", type=non_negative_float, default=0.0, metavar="H",
+                   help="hue rotation by up to H of a full turn (0: off)")
     t.add_argument("--workdir", required=True)
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --workdir")
     t.add_argument("--cache-dir", help="where decoded datasets are cached (default ~/.cache/jaxcell)")
