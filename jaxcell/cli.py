@@ -153,7 +153,7 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     tb = sub.add_parser("table", help="the paper's Table I, measured: one row per trained workdir")
     tb.add_argument("--workdir", required=True, action="append", help="a trained workdir; repeat for more rows")
     tb.add_argument("--split", default="val", choices=["train", "val", "test"])
-    tb.add_argument("--shift", type=_non_negative_float, default=0.03, metavar="S",
+    tb.add_argument("--shift", type=non_negative_float, default=0.03, metavar="S",
                     help="HED strength of the stain-shifted column")
     tb.add_argument("--checkpoint", default="last",
                     help="last (default: not chosen on the validation split), best or a step number")
