@@ -14,6 +14,7 @@ a resumed run continues exactly where the interrupted one stopped.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -361,8 +362,11 @@ def predict_logits(eval_step: Callable, state: TrainState, images: np.ndarray, b
 # ---------------------------------------------------------------------------------------------
 # Data order: a function of (seed, epoch), so a resumed run sees the same batches.
 
+@functools.lru_cache(maxsize=4)  # every step of an epoch asks (batch_indices); a permutation of a large split costs ms
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.flags.writeable = False  # shared by the cache
+    return order
 
 
 def step_rng(seed: int, step: int) -> jax.Array:
