@@ -114,6 +114,9 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
                    help="random resized crops covering an area fraction in [S, 1] of the image (default 1: off)")
     t.add_argument("--hue-jitter", type=non_negative_float, default=0.0, metavar="H",
                    help="rotate the hue by up to H of a full turn, e.g. 0.05 (default 0: off)")
+    t.add_argument("--od-center", action="store_true",
+                   help="model input: per image, the optical density -ln(x) with its mean per channel removed, "
+                        "instead of mean/std (a stain's overall shift cancels)")
     t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: bfloat16 compute, float32 parameters, optimizer state and statistics")
     t.add_argument("--input-pipeline", choices=["auto", "device", "host"], default="auto",
@@ -313,7 +316,7 @@ def cmd_train(args) -> int:
                          synthetic_examples=args.synthetic_examples, checkpoint_every=args.checkpoint_every,
                          augment=not args.no_augment, stain_jitter=args.stain_jitter,
                          color_jitter=args.color_jitter, crop_scale=args.crop_scale,
-                         hue_jitter=args.hue_jitter, precision=args.precision, input_pipeline=args.input_pipeline,
+                         hue_jitter=args.hue_jitter, od_center=args.od_center, precision=args.precision, input_pipeline=args.input_pipeline,
                          schedule=args.schedule, warmup_steps=args.warmup_steps,
                          init_from=os.path.abspath(args.init_from) if args.init_from else None,
                          freeze_backbone=args.freeze_backbone, head_epochs=args.head_epochs,

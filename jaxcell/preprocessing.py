@@ -375,6 +375,13 @@ def resize(x: jax.Array, size: tuple[int, int], method: str = "bilinear") -> jax
 
 # ----------------------------------------------------------------------------- normalize
 
+def od_center(x: jax.Array) -> jax.Array:
+    """Float images in [0, 1], channels last -> per image and channel, the optical density
+    -ln(max(x, 1/255)) minus its mean over the image (torch_ref.preprocessing.od_center)."""
+    od = -jnp.log(jnp.maximum(x, 1 / 255))
+    return od - od.mean(axis=(-3, -2), keepdims=True)
+
+
 def normalize(images_uint8: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
     """(x / 255 - mean) / std in float32, channels last (mean and std: one value, or one per
     channel of the last axis; static, like Python floats). Bit-identical to torchvision's

@@ -33,7 +33,7 @@ from jaxcell.checkpoint import Checkpoints
 from jaxcell.data import Dataset
 from jaxcell.data.augment import augment as augment_images
 from jaxcell.errors import UserError
-from jaxcell.preprocessing import normalize
+from jaxcell.preprocessing import normalize, od_center
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -53,6 +53,7 @@ class TrainConfig:
     checkpoint_every: int = 0          # steps; 0: at the end of each epoch only
     augment: bool = True               # flips and rotations, stain and colour jitter (and crops, hue if set)
     stain_jitter: float = 0.05         # HED jitter strength
+    od_center: bool = False            # input: per-image centred optical density (jaxcell.models.OD_SCALE)
     color_jitter: float = 0.1
     crop_scale: float = 1.0            # random resized crops of area fraction in [crop_scale, 1]; 1: none
     hue_jitter: float = 0.0            # hue rotation by up to this fraction of a full turn; 0: none
@@ -166,11 +167,15 @@ def abstract_state(model, tx, image_size: int, sharding) -> TrainState:
 
 def prepare(images: jax.Array, preprocessing: dict) -> jax.Array:
     """uint8 NHWC -> the model's float input, as the model declares it."""
-    return normalize(images, preprocessing["mean"], preprocessing["std"])
+    if preprocessing.get("od_center"):
+        return standardize(images.astype(jnp.float32) / 255.0, preprocessing)
+    return normalize(images, preprocessing["mean"], preprocessing["std"])  # a lookup table: torch's exact values
 
 
 def standardize(x: jax.Array, preprocessing: dict) -> jax.Array:
     """Float images in [0, 1] -> the model's input (the second half of `prepare`)."""
+    if preprocessing.get("od_center"):
+        x = od_center(x)
     return (x - jnp.asarray(preprocessing["mean"], jnp.float32)) / jnp.asarray(preprocessing["std"], jnp.float32)
 
 
@@ -384,13 +389,12 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
 # Workdir: config.json (everything evaluate/predict need), metrics.jsonl, checkpoints/.
 
 def write_config(workdir: str, config: TrainConfig, dataset: Dataset) -> dict:
-    spec = models.spec(config.model)
     record = {
         "model": config.model,
         "model_kwargs": {"num_classes": len(dataset.class_names), "image_size": config.image_size,
                          **config.model_kwargs},
         "class_names": list(dataset.class_names),
-        "preprocessing": {**spec.preprocessing, "image_size": config.image_size},
+        "preprocessing": models.preprocessing(config.model, config.image_size, config.od_center),
         "data": {"source": dataset.source, "split_note": dataset.split_note,
                  "sizes": {k: int(len(v[1])) for k, v in dataset.splits.items()}},
         "train": config.to_dict(),

@@ -225,3 +225,29 @@ def test_normalize_matches_twin_and_formula():
                                   (u8.astype(np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.25))
     with pytest.raises(ValueError, match="channel statistics"):
         P.normalize(jnp.asarray(u8[..., :2]), mean, std)
+
+
+def test_od_center_matches_twin_and_cancels_a_stain_shift():
+    from jaxcell import models
+    from jaxcell.train import prepare, standardize
+
+    rng = np.random.default_rng(6)
+    u8 = rng.integers(20, 240, (3, 9, 7, 3), dtype=np.uint8)
+    pre = models.preprocessing("resnet18", 9, od_center=True)
+    assert pre["od_center"] and pre["mean"] == [0.0] * 3 and pre["std"] == [models.OD_SCALE] * 3
+    x = u8.astype(np.float32) / 255
+    od = -np.log(x)
+    want = (od - od.mean(axis=(1, 2), keepdims=True)) / models.OD_SCALE
+    got = np.asarray(prepare(jnp.asarray(u8), pre))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    got_t = T.standardize(torch.from_numpy(x).permute(0, 3, 1, 2), pre).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got_t, got, rtol=0, atol=2e-6)
+    # Dimming one channel of an image by a factor (an additive shift of its optical density, as a
+    # longer staining time gives) changes nothing; the plain mean/std input moves with it.
+    dimmed = x * np.array([0.8, 0.9, 0.7], np.float32)
+    np.testing.assert_allclose(np.asarray(standardize(jnp.asarray(dimmed), pre)), got, rtol=0, atol=2e-5)
+    plain = models.preprocessing("resnet18", 9)
+    assert "od_center" not in plain
+    assert np.abs(np.asarray(standardize(jnp.asarray(dimmed), plain) - standardize(jnp.asarray(x), plain))).max() > 0.1
+    # Black pixels are floored at 1/255 rather than sent to infinity.
+    assert np.isfinite(np.asarray(prepare(jnp.zeros((1, 4, 4, 3), jnp.uint8), pre))).all()

@@ -28,12 +28,13 @@ import torch.nn as nn
 from PIL import Image
 
 import torch_ref
+from torch_ref.preprocessing import standardize
 from jaxcell.errors import UserError  # jaxcell/errors.py and jaxcell/__init__.py import no jax
 
 SIDECAR_SUFFIX = ".json"
 METADATA_KEY = "jaxcell"
 FORMATS = {"safetensors": (".safetensors",), "torch": (".pt", ".pth", ".bin")}
-_PREPROCESSING_KEYS = {"scale", "mean", "std", "image_size"}
+_PREPROCESSING_KEYS = {"scale", "mean", "std", "image_size", "od_center"}
 
 
 class WeightsError(UserError, ValueError):
@@ -227,10 +228,7 @@ def preprocess(images_or_paths: Any, model: nn.Module | Mapping) -> torch.Tensor
     size = int(pre["image_size"])
     images = _as_uint8(images_or_paths, size)
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    x = x.float() / 255.0
-    mean = torch.as_tensor(pre["mean"], dtype=torch.float32).reshape(1, -1, 1, 1)
-    std = torch.as_tensor(pre["std"], dtype=torch.float32).reshape(1, -1, 1, 1)
-    x = (x - mean) / std
+    x = standardize(x.float() / 255.0, pre)
     if isinstance(model, nn.Module):
         device = next(iter(model.parameters()), torch.empty(0)).device
         x = x.to(device)

@@ -133,6 +133,24 @@ def resize(x: torch.Tensor, size: tuple[int, int], method: str = "bilinear") -> 
     return F.interpolate(x, size=size, mode=method)
 
 
+def od_center(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1], channels at dim -3 -> per image and channel, the optical density
+    -ln(max(x, 1/255)) minus its mean over the image (jaxcell.preprocessing.od_center)."""
+    od = -torch.log(torch.clamp(x, min=1 / 255))
+    return od - od.mean(dim=(-2, -1), keepdim=True)
+
+
+def standardize(x: torch.Tensor, preprocessing: dict) -> torch.Tensor:
+    """Float images in [0, 1], channels at dim -3 -> the model's input as `preprocessing` (a
+    jaxcell config's or sidecar's) declares it: optical-density centring if asked, then
+    (x - mean) / std (jaxcell.train.standardize)."""
+    if preprocessing.get("od_center"):
+        x = od_center(x)
+    mean = torch.as_tensor(preprocessing["mean"], dtype=torch.float32, device=x.device).reshape(-1, 1, 1)
+    std = torch.as_tensor(preprocessing["std"], dtype=torch.float32, device=x.device).reshape(-1, 1, 1)
+    return (x - mean) / std
+
+
 def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(x / 255 - mean) / std in float32, channels at dim -3 (CHW or NCHW)."""
     x = images_uint8.float() / 255.0

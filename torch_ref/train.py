@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import torch_ref
 from jaxcell.cli import area_fraction, model_arg, non_negative_float, positive  # argparse types; no jax at load
 from torch_ref import io
+from torch_ref.preprocessing import standardize
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -175,9 +176,7 @@ def model_input(images_uint8: np.ndarray, preprocessing: dict, device, generator
         return io.preprocess(images_uint8, preprocessing).to(device)
     x = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device).float() / 255.0
     x = augment(x, generator, **augmentation)
-    mean = torch.as_tensor(preprocessing["mean"], dtype=torch.float32, device=device)
-    std = torch.as_tensor(preprocessing["std"], dtype=torch.float32, device=device)
-    return ((x - mean) / std).permute(0, 3, 1, 2).contiguous()
+    return standardize(x.permute(0, 3, 1, 2), preprocessing).contiguous()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -236,11 +235,12 @@ def train(args: argparse.Namespace, dataset, preprocessing: dict, log=print) -> 
                   "synthetic_examples": args.synthetic_examples, "checkpoint_every": 0,
                   "augment": not args.no_augment, "stain_jitter": args.stain_jitter,
                   "color_jitter": args.color_jitter, "crop_scale": args.crop_scale,
-                  "hue_jitter": args.hue_jitter, "precision": "fp32", "schedule": args.schedule,
+                  "hue_jitter": args.hue_jitter, "od_center": args.od_center, "precision": "fp32", "schedule": args.schedule,
                   "warmup_steps": args.warmup_steps,
                   "input_pipeline": "auto",  # jaxcell's: batches here are gathered on the host
                   # fine-tuning is jaxcell's alone: from scratch here
-                  "init_from": None, "freeze_backbone": False, "head_epochs": 0, "backbone_lr_scale": None},
+                  "init_from": None, "freeze_backbone": False, "head_epochs": 0, "backbone_lr_scale": None,
+                  "recipe": None},
         "framework": "torch",
     }
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random resized crops of area fraction in [S, 1] (1: off)")
     t.add_argument("--hue-jitter", type=non_negative_float, default=0.0, metavar="H",
                    help="hue rotation by up to H of a full turn (0: off)")
+    t.add_argument("--od-center", action="store_true",
+                   help="model input: per image, the optical density -ln(x) with its mean per channel removed, "
+                        "instead of mean/std (a stain's overall shift cancels)")
     t.add_argument("--workdir", required=True)
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --workdir")
     t.add_argument("--cache-dir", help="where decoded datasets are cached (default ~/.cache/jaxcell)")
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         from jaxcell import data, models  # these import jax: see the module docstring
 
         spec = models.spec(args.model)
-        preprocessing = {**spec.preprocessing, "image_size": args.image_size}
+        preprocessing = models.preprocessing(args.model, args.image_size, args.od_center)
         if args.lr is None:
             args.lr = spec.lr
         dataset = data.load(os.path.abspath(args.data) if args.data else None, args.image_size, seed=args.seed,

@@ -60,6 +60,22 @@ register(ModelSpec("resnet50", ResNet50, head="fc", **IMAGENET))
 register(ModelSpec("densenet121", DenseNet121, head="classifier", **IMAGENET))
 
 
+# Optical-density centring (--od-center): the input is -ln(x) per channel minus its mean over the
+# image, divided by this (about the spread of the centred density on the ALL smears), instead of
+# the model's mean/std. A stain's overall shift (HED jitter, another lab's staining time) moves
+# every pixel's optical density by nearly the same amount per channel, so centring removes most
+# of it; what remains is the shape of the density map: nuclei, chromatin, cytoplasm.
+OD_SCALE = 0.25
+
+
+def preprocessing(name: str, image_size: int, od_center: bool = False) -> dict:
+    """The input preprocessing a model trained at `image_size` declares (config.json, export sidecars)."""
+    pre = {**spec(name).preprocessing, "image_size": image_size}
+    if od_center:
+        pre.update(mean=[0.0] * 3, std=[OD_SCALE] * 3, od_center=True)
+    return pre
+
+
 def names() -> list[str]:
     return sorted(REGISTRY)
 
