@@ -51,6 +51,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxcell import _malloc
+
 # PyTorch's OpenMP threads spin after each parallel region by default. On a CPU shared with XLA's
 # thread pool (or anything else) the spinning threads take the cores from whoever works next:
 # a small torch step measured 25x slower with JAX in the same process, 6x slower on a machine
@@ -232,6 +234,8 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "torch_threads": torch.get_num_threads(), "interleaved": interleave,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "xla_compiler_options": _jax_options_used(),
+        # jaxcell's glibc settings (jaxcell._malloc) are process-wide: torch in this process has them too
+        "malloc_keeps_freed_memory": _malloc.applied,
         "load_average_before": load_before,
         "load_average_after": _load(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
