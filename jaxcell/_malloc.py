@@ -11,8 +11,9 @@ in use; fragmentation can add a copy of the largest block). A finite trim thresh
 takes at most 2 GB) was not enough: the block lands above a fragment of its old place, the heap
 grows, the top passes the threshold and is trimmed, and the faults return every few steps.
 
-Applied once, at `import jaxcell`, before JAX starts its threads (an existing thread keeps its
-arena), only where it pays: Linux with glibc, and no JAX GPU/TPU plugin installed (on those
+Applied once by the `jaxcell` command (cli.main), before JAX starts its threads (an existing
+thread keeps its arena); a program using jaxcell as a library calls keep_freed_memory() itself if
+it wants the same. Only where it pays: Linux with glibc, and no JAX GPU/TPU plugin installed (on those
 hosts the device holds the tensors). JAXCELL_MALLOC=default leaves glibc's defaults.
 """
 

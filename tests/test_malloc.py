@@ -15,7 +15,10 @@ def _glibc_linux() -> bool:
 
 
 @pytest.mark.skipif(not _glibc_linux(), reason="Linux/glibc only")
-def test_applied_at_import_on_cpu_hosts():
+def test_applied_by_the_command_on_cpu_hosts(capsys):
+    from jaxcell.cli import main
+
+    main(["recipes"])
     accelerator = any(importlib.util.find_spec(p) for p in _malloc._ACCELERATOR_PLUGINS)
     assert _malloc.applied is (not accelerator)
     assert _malloc.keep_freed_memory() is _malloc.applied  # once: the second call changes nothing
@@ -26,6 +29,7 @@ def test_a_large_block_is_reused_without_faults():
     code = """
 import ctypes, resource
 import jaxcell._malloc as m
+m.keep_freed_memory()
 libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]
 def faults(n=256 << 20):
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
