@@ -79,6 +79,20 @@ def _evaluation_args(e: argparse.ArgumentParser, ensemble: bool) -> None:
     e.add_argument("--cache-dir")
 
 
+def add_input_args(t: argparse.ArgumentParser) -> None:
+    """The model-input and augmentation flags, shared with python -m torch_ref.train."""
+    t.add_argument("--no-augment", action="store_true", help="no flips, rotations, stain or colour jitter")
+    t.add_argument("--stain-jitter", type=float, default=0.05, metavar="S", help="HED jitter strength")
+    t.add_argument("--color-jitter", type=float, default=0.1, metavar="S")
+    t.add_argument("--crop-scale", type=area_fraction, default=1.0, metavar="S",
+                   help="random resized crops covering an area fraction in [S, 1] of the image (default 1: off)")
+    t.add_argument("--hue-jitter", type=non_negative_float, default=0.0, metavar="H",
+                   help="rotate the hue by up to H of a full turn, e.g. 0.05 (default 0: off)")
+    t.add_argument("--od-center", action="store_true",
+                   help="model input: per image, the optical density -ln(x) with its mean per channel removed, "
+                        "instead of mean/std (a stain's overall shift cancels)")
+
+
 def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser:
     """The command line; `recipe_defaults` (train's argparse dests) replace train's defaults."""
     parser = argparse.ArgumentParser(prog="jaxcell", description=__doc__.split("\n")[0])
@@ -107,16 +121,7 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
                    help="backbone learning rate / head learning rate (default 0.1 with --init-from, else 1)")
     t.add_argument("--synthetic-examples", type=positive, default=1200)
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
-    t.add_argument("--no-augment", action="store_true", help="no flips, rotations, stain or colour jitter")
-    t.add_argument("--stain-jitter", type=float, default=0.05, metavar="S", help="HED jitter strength")
-    t.add_argument("--color-jitter", type=float, default=0.1, metavar="S")
-    t.add_argument("--crop-scale", type=area_fraction, default=1.0, metavar="S",
-                   help="random resized crops covering an area fraction in [S, 1] of the image (default 1: off)")
-    t.add_argument("--hue-jitter", type=non_negative_float, default=0.0, metavar="H",
-                   help="rotate the hue by up to H of a full turn, e.g. 0.05 (default 0: off)")
-    t.add_argument("--od-center", action="store_true",
-                   help="model input: per image, the optical density -ln(x) with its mean per channel removed, "
-                        "instead of mean/std (a stain's overall shift cancels)")
+    add_input_args(t)
     t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: bfloat16 compute, float32 parameters, optimizer state and statistics")
     t.add_argument("--input-pipeline", choices=["auto", "device", "host"], default="auto",

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_ref
-from jaxcell.cli import area_fraction, model_arg, non_negative_float, positive  # argparse types; no jax at load
+from jaxcell.cli import add_input_args, model_arg, positive  # argparse pieces; no jax at load
 from torch_ref import io
 from torch_ref.preprocessing import standardize
 
@@ -314,16 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int, metavar="N", help="default: a tenth of the run")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--synthetic-examples", type=positive, default=1200)
-    t.add_argument("--no-augment", action="store_true", help="no flips, rotations, stain or colour jitter")
-    t.add_argument("--stain-jitter", type=float, default=0.05, metavar="S")
-    t.add_argument("--color-jitter", type=float, default=0.1, metavar="S")
-    t.add_argument("--crop-scale", type=area_fraction, default=1.0, metavar="S",
-                   help="random resized crops of area fraction in [S, 1] (1: off)")
-    t.add_argument("--hue-jitter", type=non_negative_float, default=0.0, metavar="H",
-                   help="hue rotation by up to H of a full turn (0: off)")
-    t.add_argument("--od-center", action="store_true",
-                   help="model input: per image, the optical density -ln(x) with its mean per channel removed, "
-                        "instead of mean/std (a stain's overall shift cancels)")
+    add_input_args(t)
     t.add_argument("--workdir", required=True)
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --workdir")
     t.add_argument("--cache-dir", help="where decoded datasets are cached (default ~/.cache/jaxcell)")
