@@ -134,8 +134,8 @@ def list_images(root: str) -> tuple[list[str], list[int], list[str]]:
     return list(files), np.asarray(labels), list(names)
 
 
-def audit(root: str, folds: int = 5, shift: float = 0.03, hash_distance: int = NEAR_DUPLICATE_DISTANCE, per_class: int | None = None,
-          seed: int = 0, log=lambda message: None) -> dict:
+def audit(root: str, folds: int = 5, shift: float = 0.03, hash_distance: int = NEAR_DUPLICATE_DISTANCE,
+          per_class: int | None = None, seed: int = 0, log=lambda message: None) -> dict:
     from PIL import Image
 
     from jaxcell.evaluate import stain_shift

@@ -252,27 +252,24 @@ def _execute(runners: list[_Runner], cfg: BenchConfig, interleave: bool, log: Ca
     def expired() -> bool:
         return cfg.deadline is not None and time.time() > cfg.deadline
 
-    if interleave:
-        for r in runners:
-            if expired():
-                r.error = "skipped: time budget spent"
-                continue
-            log(f"bench: {cfg.model} {r.framework} {r.mode} {r.precision} x{r.devices}: compiling")
-            r.start(cfg.warmup)
-        for _ in range(cfg.steps):
-            for r in runners:
-                r.time_one()
-        for r in runners:
-            r.close()
-    else:
-        for r in runners:
-            if expired():
-                r.error = "skipped: time budget spent"
-                continue
-            log(f"bench: {cfg.model} {r.framework} {r.mode} {r.precision} x{r.devices}")
-            r.start(cfg.warmup)
+    started = []
+    for r in runners:
+        if expired():
+            r.error = "skipped: time budget spent"
+            continue
+        log(f"bench: {cfg.model} {r.framework} {r.mode} {r.precision} x{r.devices}"
+            + (": compiling" if interleave else ""))
+        r.start(cfg.warmup)
+        started.append(r)
+        if not interleave:  # timed alone, then released before the next one starts
             for _ in range(cfg.steps):
                 r.time_one()
+            r.close()
+    if interleave:  # all warm, then one step of each in turn
+        for _ in range(cfg.steps):
+            for r in started:
+                r.time_one()
+        for r in started:
             r.close()
 
 

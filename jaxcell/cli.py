@@ -79,8 +79,28 @@ def _evaluation_args(e: argparse.ArgumentParser, ensemble: bool) -> None:
     e.add_argument("--cache-dir")
 
 
+def add_run_args(t: argparse.ArgumentParser) -> None:
+    """The flags of a training run that `jaxcell train` and `python -m torch_ref.train` share: the
+    model, the data, the optimizer's schedule, the input and its augmentation."""
+    t.add_argument("--model", default="lightnetcell")
+    t.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE",
+                   help="a constructor argument of the model, e.g. --model-arg hidden=128")
+    t.add_argument("--data", help="a class-folder tree (<root>/<Class>/*.jpg, or a Kaggle layout); "
+                                  "none: synthetic smears")
+    t.add_argument("--image-size", type=positive, default=224)
+    t.add_argument("--epochs", type=positive, default=10)
+    t.add_argument("--batch-size", type=positive, default=32)
+    t.add_argument("--lr", type=float, help="Adam's peak learning rate (default: the model's own)")
+    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="learning rate after the linear warm-up")
+    t.add_argument("--warmup-steps", type=int, metavar="N", help="default: a tenth of the run")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--synthetic-examples", type=positive, default=1200)
+    add_input_args(t)
+
+
 def add_input_args(t: argparse.ArgumentParser) -> None:
-    """The model-input and augmentation flags, shared with python -m torch_ref.train."""
+    """The model-input and augmentation flags (part of add_run_args)."""
     t.add_argument("--no-augment", action="store_true", help="no flips, rotations, stain or colour jitter")
     t.add_argument("--stain-jitter", type=float, default=0.05, metavar="S", help="HED jitter strength")
     t.add_argument("--color-jitter", type=float, default=0.1, metavar="S")
@@ -101,27 +121,14 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     t = sub.add_parser("train", help="train a model; no --data: synthetic smears")
     t.add_argument("--recipe", metavar="NAME",
                    help="start from a shipped training configuration (see `jaxcell recipes`); flags override it")
-    t.add_argument("--model", default="lightnetcell")
-    t.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE",
-                   help="a constructor argument of the model, e.g. --model-arg hidden=128")
-    t.add_argument("--data", help="a class-folder tree (<root>/<Class>/*.jpg, or a Kaggle layout)")
-    t.add_argument("--image-size", type=positive, default=224)
-    t.add_argument("--epochs", type=positive, default=10)
-    t.add_argument("--batch-size", type=positive, default=32)
-    t.add_argument("--lr", type=float, help="Adam's peak learning rate (default: the model's own)")
-    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
-                   help="learning rate after the linear warm-up")
-    t.add_argument("--warmup-steps", type=int, metavar="N", help="default: a tenth of the run")
-    t.add_argument("--seed", type=int, default=0)
+    add_run_args(t)
     t.add_argument("--init-from", metavar="FILE",
                    help="fine-tune from a torch state dict (.pth/.pt/.safetensors; torchvision files as they are)")
     t.add_argument("--freeze-backbone", action="store_true", help="train only the model's head")
     t.add_argument("--head-epochs", type=int, default=0, metavar="N", help="train only the head for N epochs first")
     t.add_argument("--backbone-lr-scale", type=float, metavar="S",
                    help="backbone learning rate / head learning rate (default 0.1 with --init-from, else 1)")
-    t.add_argument("--synthetic-examples", type=positive, default=1200)
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
-    add_input_args(t)
     t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: bfloat16 compute, float32 parameters, optimizer state and statistics")
     t.add_argument("--input-pipeline", choices=["auto", "device", "host"], default="auto",
@@ -308,11 +315,9 @@ def cmd_train(args) -> int:
         from jaxcell import recipes
 
         r = recipes.get(args.recipe)
-        missing = [n for n in r.needs if not getattr(args, n)]
-        if missing:
-            raise UserError(f"recipe {r.name} needs --{missing[0].replace('_', '-')}"
-                            + (" FILE (torchvision's ImageNet resnet18 weights, e.g. resnet18-f37072fd.pth)"
-                               if missing[0] == "init_from" else ""))
+        lacking = recipes.missing(r, vars(args))
+        if lacking:
+            raise UserError(f"recipe {r.name} needs {lacking}")
         recipe = f"{r.name} v{r.version}"
     config = TrainConfig(model=args.model, model_kwargs=model_kwargs, image_size=args.image_size,
                          epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
@@ -321,7 +326,8 @@ def cmd_train(args) -> int:
                          synthetic_examples=args.synthetic_examples, checkpoint_every=args.checkpoint_every,
                          augment=not args.no_augment, stain_jitter=args.stain_jitter,
                          color_jitter=args.color_jitter, crop_scale=args.crop_scale,
-                         hue_jitter=args.hue_jitter, od_center=args.od_center, precision=args.precision, input_pipeline=args.input_pipeline,
+                         hue_jitter=args.hue_jitter, od_center=args.od_center, precision=args.precision,
+                         input_pipeline=args.input_pipeline,
                          schedule=args.schedule, warmup_steps=args.warmup_steps,
                          init_from=os.path.abspath(args.init_from) if args.init_from else None,
                          freeze_backbone=args.freeze_backbone, head_epochs=args.head_epochs,

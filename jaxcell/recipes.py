@@ -25,7 +25,7 @@ class Recipe:
     summary: str
     hardware: str
     settings: dict           # TrainConfig fields (model, image_size, epochs, lr, ...)
-    needs: tuple[str, ...] = ()  # TrainConfig fields the user must supply (e.g. init_from)
+    needs: dict = dataclasses.field(default_factory=dict)  # TrainConfig field the user must supply -> what to give
 
 
 def _gpu(model: str, summary: str, **settings) -> Recipe:
@@ -57,7 +57,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "one GPU",
            {"model": "resnet18", "image_size": 224, "batch_size": 64, "epochs": 15, "lr": 1e-3,
             "head_epochs": 2, "backbone_lr_scale": 0.1, "stain_jitter": 0.05, "color_jitter": 0.1},
-           needs=("init_from",)),
+           needs={"init_from": "FILE (torchvision's ImageNet resnet18 weights, e.g. resnet18-f37072fd.pth)"}),
 ]}
 
 
@@ -65,6 +65,14 @@ def get(name: str) -> Recipe:
     if name not in RECIPES:
         raise UserError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
     return RECIPES[name]
+
+
+def missing(recipe: Recipe, given: dict) -> str | None:
+    """The first thing `recipe` needs that `given` (TrainConfig fields) lacks, as a flag and a hint."""
+    for field, hint in recipe.needs.items():
+        if not given.get(field):
+            return f"--{field.replace('_', '-')} {hint}"
+    return None
 
 
 def describe() -> str:

@@ -22,7 +22,8 @@ PAPER_ACCURACY = {"lightnetcell": "0.91", "brin": "0.99", "hybrid_vit": "> 0.98"
 def table_row(workdir: str, split: str = "val", shift: float = 0.03, checkpoint: str = "last",
               log=lambda message: None) -> dict:
     record = read_config(workdir)
-    clean = run_evaluation([workdir], checkpoint=checkpoint, split=split, resamples=0, log=log).result
+    clean = run_evaluation([workdir], checkpoint=checkpoint, split=split, calibrate=False, resamples=0,
+                           log=log).result
     shifted = run_evaluation([workdir], checkpoint=checkpoint, split=split, shift=shift, calibrate=False,
                              resamples=0, log=log).result
     kwargs = {k: v for k, v in record["model_kwargs"].items() if k not in ("num_classes", "image_size")}

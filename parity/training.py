@@ -52,7 +52,6 @@ torch in float64 beside it: the drift of torch's own float32 run, the scale to j
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import dataclasses
 import inspect
@@ -64,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 import jaxcell.models
+from jaxcell.cli import model_arg
 import torch_ref
 from parity.compare import _torch_full_precision, randomize_torch_model
 from parity.convert import flax_to_torch, torch_to_flax
@@ -297,14 +297,6 @@ def format_table(rows: list[StepDiff], tolerance: float) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body), *notes])
 
 
-def _model_arg(text: str) -> tuple[str, object]:
-    key, _, value = text.partition("=")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
-
-
 def check(name: str, steps: int = 5, image_size: int = 32, batch: int = 4, seed: int = 0, lr: float = 1e-3,
           tolerance: float = TRAIN_TOLERANCE, seeds: int = 3, **model_kwargs) -> tuple[bool, list]:
     """Run train_parity for seed, seed + 1, ... (at most `seeds` of them) until one stays within
@@ -341,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--tolerance", type=float, default=TRAIN_TOLERANCE)
     p.add_argument("--seeds", type=int, default=3, help="seeds to try before failing (see the module docstring)")
-    p.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE")
+    p.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     passed, runs = check(args.model, args.train_steps, args.image_size, args.batch, args.seed, args.lr,
                          args.tolerance, args.seeds, **dict(args.model_arg))

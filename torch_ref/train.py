@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_ref
-from jaxcell.cli import add_input_args, model_arg, positive  # argparse pieces; no jax at load
+from jaxcell.cli import add_run_args  # the flags jaxcell train has too; jaxcell.cli imports no jax
 from torch_ref import io
 from torch_ref.preprocessing import standardize
 
@@ -235,8 +235,8 @@ def train(args: argparse.Namespace, dataset, preprocessing: dict, log=print) -> 
                   "synthetic_examples": args.synthetic_examples, "checkpoint_every": 0,
                   "augment": not args.no_augment, "stain_jitter": args.stain_jitter,
                   "color_jitter": args.color_jitter, "crop_scale": args.crop_scale,
-                  "hue_jitter": args.hue_jitter, "od_center": args.od_center, "precision": "fp32", "schedule": args.schedule,
-                  "warmup_steps": args.warmup_steps,
+                  "hue_jitter": args.hue_jitter, "od_center": args.od_center, "precision": "fp32",
+                  "schedule": args.schedule, "warmup_steps": args.warmup_steps,
                   "input_pipeline": "auto",  # jaxcell's: batches here are gathered on the host
                   # fine-tuning is jaxcell's alone: from scratch here
                   "init_from": None, "freeze_backbone": False, "head_epochs": 0, "backbone_lr_scale": None,
@@ -302,19 +302,7 @@ def _save(model, record: dict, path: str, epoch: int, step: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     t = argparse.ArgumentParser(prog="python -m torch_ref.train",
                                 description="Train a torch_ref model as `jaxcell train` trains its twin.")
-    t.add_argument("--model", default="lightnetcell")
-    t.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE")
-    t.add_argument("--data", help="a class-folder tree; none: synthetic smears")
-    t.add_argument("--image-size", type=positive, default=224)
-    t.add_argument("--epochs", type=positive, default=10)
-    t.add_argument("--batch-size", type=positive, default=32)
-    t.add_argument("--lr", type=float, help="Adam's peak learning rate (default: the model's own, as jaxcell's)")
-    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
-                   help="learning rate after the linear warm-up")
-    t.add_argument("--warmup-steps", type=int, metavar="N", help="default: a tenth of the run")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--synthetic-examples", type=positive, default=1200)
-    add_input_args(t)
+    add_run_args(t)
     t.add_argument("--workdir", required=True)
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --workdir")
     t.add_argument("--cache-dir", help="where decoded datasets are cached (default ~/.cache/jaxcell)")

@@ -60,8 +60,8 @@ def load(data_dir: str | os.PathLike | None, image_size: int, seed: int = 0,
         source=f"image folder {root} ({n} images, {image_size} px; TFDS cache {builder.data_dir})",
         split_note=(
             f"split {_pct()} per image by content hash, stratified by class, seed {seed}; byte-identical "
-            "files and near duplicates (difference hashes <= 4 bits apart) always share a split. The data has no patient ids, so images "
-            "of one patient may fall in different splits."
+            "files and near duplicates (difference hashes <= 4 bits apart) always share a split. The data "
+            "has no patient ids, so images of one patient may fall in different splits."
         ),
     )
 

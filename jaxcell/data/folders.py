@@ -19,9 +19,10 @@ an error rather than silently dropped. A file with an image extension that does 
 an error when it is read.
 
 The TFDS builder (`build`) writes the decoded, resized images as array_record splits
-(train/val/test from `splits.split_by_content`, exact and near duplicates kept together) in a cache keyed by the folder's absolute path,
-its files' names, sizes and modification times, the image size and the split seed: a second
-call with nothing changed reads the cache and decodes nothing. TensorFlow is not needed.
+(train/val/test from `splits.split_by_content`, exact and near duplicates kept together) in a
+cache keyed by the folder's absolute path, its files' names, sizes and modification times, the
+image size and the split seed: a second call with nothing changed reads the cache and decodes
+nothing. TensorFlow is not needed.
 """
 
 from __future__ import annotations
