@@ -186,6 +186,61 @@ def test_small_maps_compile_to_no_swapped_convolution(workarounds):
     assert "rhs_reversal" not in hlo(layers.conv_general_dilated)
 
 
+@pytest.mark.parametrize("shape", [(4, 5, 5, 3), (2, 1, 1, 8), (8, 3, 3, 16)])
+def test_batch_norm_gradient_is_autodiffs(shape):
+    """The custom VJP (torch's two sums) against autodiff of the same function, with cotangents
+    on the batch mean and variance too (they feed the running statistics)."""
+    rng = np.random.default_rng(len(shape) + shape[-1])
+    x = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 3 + 1)
+    scale, bias = (jnp.asarray(rng.standard_normal(shape[-1]).astype(np.float32)) for _ in range(2))
+    outs = {}
+    for f in (layers._batch_norm_train.fun, layers._batch_norm_train):
+        values, vjp = jax.vjp(lambda *a: f(*a, 1e-5), x, scale, bias)
+        if not outs:
+            cotangents = tuple(jnp.asarray(rng.standard_normal(v.shape).astype(np.float32)) for v in values)
+        outs[f] = (*values, *vjp(cotangents))
+    for ours, ref in zip(outs[layers._batch_norm_train], outs[layers._batch_norm_train.fun]):
+        assert float(jnp.abs(ours - ref).max()) <= 1e-6 * float(jnp.abs(ref).max())
+
+
+def test_materialized_is_the_identity_bit_for_bit():
+    # (No subnormals: XLA:CPU flushes them to zero in every arithmetic op, a ReLU's too.)
+    x = jnp.asarray([0.0, -0.0, 1.2e-38, -3.5, 3e38, np.inf, -np.inf, np.nan], jnp.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        y = jax.jit(layers._materialized)(x.astype(dtype))
+        np.testing.assert_array_equal(np.asarray(y).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32),
+                                      np.asarray(x.astype(dtype)).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32))
+
+
+def test_weight_gradient_transposes_do_not_recompute_batch_norm(workarounds):
+    """XLA:CPU fuses a convolution input's producer (BatchNorm + ReLU) into the transposes of the
+    weight gradient, which then recompute it in slow loops; `_materialized` stops it. With every
+    operand used twice (the input gradient is taken too), each fused transpose must be a plain copy."""
+    workarounds(True)
+    block = _ConvBnReluConv()
+    x = jnp.zeros((8, 16, 16, 8))
+    variables = block.init(jax.random.key(0), x)
+
+    def loss(params, x):
+        return (block.apply({**variables, "params": params}, x, mutable=["batch_stats"])[0] ** 2).sum()
+
+    options = train.compiler_options(train.Placement.over(jax.devices()[:1]))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=options)
+    text = grad.lower(variables["params"], x).compile().as_text()
+    fused = [c for c in text.split("\n\n") if " transpose(" in c and not c.startswith("ENTRY")]
+    assert fused
+    for computation in fused:
+        assert not any(f" {op}(" in computation for op in ("maximum", "rsqrt", "subtract")), computation
+
+
+class _ConvBnReluConv(layers.nn.Module):
+    @layers.nn.compact
+    def __call__(self, x):
+        x = layers.conv(8, 3, bias=False)(x)
+        x = layers.nn.relu(layers.BatchNorm()(x, True))
+        return layers.conv(8, 3, bias=False)(x)
+
+
 def test_cpu_compiler_options_keep_convolutions_off_ynnpack():
     placement = train.Placement.over(jax.devices()[:1])
     options = train.compiler_options(placement)
