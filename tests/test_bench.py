@@ -121,8 +121,10 @@ def workarounds():
     layers.XLA_CPU_WORKAROUNDS = saved
 
 
-@pytest.mark.parametrize("size,window,stride,padding", [(8, 2, 2, 0), (9, 2, 2, 0), (9, 3, 2, 1), (8, 3, 1, 1)])
-def test_max_pool_gradient_is_torchs_first_maximum(workarounds, size, window, stride, padding):
+@pytest.mark.parametrize("size,window,stride,padding,ceil", [
+    (8, 2, 2, 0, False), (9, 2, 2, 0, False), (9, 3, 2, 1, False), (8, 3, 1, 1, False),
+    (9, 2, 2, 0, True), (8, 3, 2, 1, True), (10, 3, 2, 1, True), (7, 3, 3, 1, True), (5, 2, 2, 1, True)])
+def test_max_pool_gradient_is_torchs_first_maximum(workarounds, size, window, stride, padding, ceil):
     rng = np.random.default_rng(size + window)
     x = rng.standard_normal((2, size, size, 3)).astype(np.float32)
     x[0, :3, :3, 0] = 1.5  # ties: the first maximum of each window takes the gradient
@@ -130,11 +132,11 @@ def test_max_pool_gradient_is_torchs_first_maximum(workarounds, size, window, st
     outs = {}
     for on in (False, True):
         workarounds(on)
-        y, vjp = jax.vjp(lambda a: layers.max_pool(a, window, stride, padding), jnp.asarray(x))
+        y, vjp = jax.vjp(lambda a: layers.max_pool(a, window, stride, padding, ceil), jnp.asarray(x))
         g = rng.standard_normal(y.shape).astype(np.float32) if not outs else outs[False][2]
         outs[on] = (np.asarray(y), np.asarray(vjp(jnp.asarray(g))[0]), g)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
-    torch.nn.functional.max_pool2d(xt, window, stride, padding).backward(torch.from_numpy(outs[False][2]).permute(0, 3, 1, 2))
+    torch.nn.functional.max_pool2d(xt, window, stride, padding, ceil_mode=ceil).backward(torch.from_numpy(outs[False][2]).permute(0, 3, 1, 2))
     grad_torch = xt.grad.permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(outs[True][0], outs[False][0])
     np.testing.assert_allclose(outs[True][1], grad_torch, rtol=1e-6, atol=1e-6)  # overlaps: sums in another order

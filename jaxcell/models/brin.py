@@ -71,8 +71,7 @@ def avg_pool_ceil(x: jax.Array, r: int) -> jax.Array:
 
 def max_pool_ceil2(x: jax.Array) -> jax.Array:
     """2x2 max pool, stride 2, ceil(n / 2) outputs: an odd last row/column is kept, not dropped."""
-    h, w = x.shape[1:3]
-    return nn.max_pool(x, (2, 2), strides=(2, 2), padding=((0, h % 2), (0, w % 2)))  # pads -inf
+    return max_pool(x, 2, 2, ceil_mode=True)
 
 
 class ConvBN(nn.Module):

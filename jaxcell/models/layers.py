@@ -242,8 +242,9 @@ def _batch_norm_train_bwd(epsilon, residuals, cotangents):
 _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
-def max_pool(x: jax.Array, window: int = 2, stride: int | None = None, padding: int = 0) -> jax.Array:
-    """torch.nn.MaxPool2d (floor mode; padding counts as -inf).
+def max_pool(x: jax.Array, window: int = 2, stride: int | None = None, padding: int = 0,
+             ceil_mode: bool = False) -> jax.Array:
+    """torch.nn.MaxPool2d (padding counts as -inf), floor or ceil mode.
 
     The gradient goes to the first maximum of each window, as in torch and in XLA's
     select_and_scatter. XLA:CPU rewrites select_and_scatter into a variadic reduce_window over
@@ -251,10 +252,17 @@ def max_pool(x: jax.Array, window: int = 2, stride: int | None = None, padding: 
     it; on CPU the same gradient comes from `_max_pool_first_max`, a few elementwise ops.
     """
     s = stride or window
-    pads = ((padding, padding), (padding, padding))
+    pads = tuple((padding, padding + (_ceil_extra(n, window, s, padding) if ceil_mode else 0)) for n in x.shape[1:3])
     if _cpu_workarounds():
         return _max_pool_first_max(x, window, s, pads)
     return nn.max_pool(x, (window, window), strides=(s, s), padding=pads)
+
+
+def _ceil_extra(n: int, window: int, stride: int, padding: int) -> int:
+    """-inf cells beyond torch's padding that ceil mode's last, partial window needs; none when
+    that window would start in the right padding (torch drops it)."""
+    extra = -(n + 2 * padding - window) % stride
+    return extra if extra and (n + 2 * padding - window + extra) // stride * stride < n + padding else 0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
