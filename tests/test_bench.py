@@ -136,7 +136,8 @@ def test_max_pool_gradient_is_torchs_first_maximum(workarounds, size, window, st
         g = rng.standard_normal(y.shape).astype(np.float32) if not outs else outs[False][2]
         outs[on] = (np.asarray(y), np.asarray(vjp(jnp.asarray(g))[0]), g)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
-    torch.nn.functional.max_pool2d(xt, window, stride, padding, ceil_mode=ceil).backward(torch.from_numpy(outs[False][2]).permute(0, 3, 1, 2))
+    y_torch = torch.nn.functional.max_pool2d(xt, window, stride, padding, ceil_mode=ceil)
+    y_torch.backward(torch.from_numpy(outs[False][2]).permute(0, 3, 1, 2))
     grad_torch = xt.grad.permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(outs[True][0], outs[False][0])
     np.testing.assert_allclose(outs[True][1], grad_torch, rtol=1e-6, atol=1e-6)  # overlaps: sums in another order
@@ -210,8 +211,8 @@ def test_materialized_is_the_identity_bit_for_bit():
     x = jnp.asarray([0.0, -0.0, 1.2e-38, -3.5, 3e38, np.inf, -np.inf, np.nan], jnp.float32)
     for dtype in (jnp.float32, jnp.bfloat16):
         y = jax.jit(layers._materialized)(x.astype(dtype))
-        np.testing.assert_array_equal(np.asarray(y).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32),
-                                      np.asarray(x.astype(dtype)).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32))
+        bits = np.uint16 if dtype == jnp.bfloat16 else np.uint32
+        np.testing.assert_array_equal(np.asarray(y).view(bits), np.asarray(x.astype(dtype)).view(bits))
 
 
 def test_weight_gradient_transposes_do_not_recompute_batch_norm(workarounds):

@@ -1,7 +1,7 @@
 """Building blocks shared by every model, set up so that each one computes what its
 torch twin computes (see DESIGN.md section 4): explicit symmetric padding, torch's
-BatchNorm semantics, exact GELU; and, on CPU, convolutions and max-pool gradients in forms
-that XLA:CPU runs fast (the same functions; docs/benchmarks.md)."""
+BatchNorm semantics, exact GELU; and, on CPU, convolutions, BatchNorm and max-pool gradients in
+forms that XLA:CPU runs fast (the same functions; docs/benchmarks.md)."""
 
 import functools
 from typing import Any
@@ -252,7 +252,8 @@ def max_pool(x: jax.Array, window: int = 2, stride: int | None = None, padding: 
     it; on CPU the same gradient comes from `_max_pool_first_max`, a few elementwise ops.
     """
     s = stride or window
-    pads = tuple((padding, padding + (_ceil_extra(n, window, s, padding) if ceil_mode else 0)) for n in x.shape[1:3])
+    extra = [_ceil_extra(n, window, s, padding) if ceil_mode else 0 for n in x.shape[1:3]]
+    pads = tuple((padding, padding + e) for e in extra)
     if _cpu_workarounds():
         return _max_pool_first_max(x, window, s, pads)
     return nn.max_pool(x, (window, window), strides=(s, s), padding=pads)
