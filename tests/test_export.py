@@ -127,6 +127,7 @@ def test_torch_logits_match_jaxcell_predict_on_real_images(workdir, dev_data, tm
 def test_preprocess_is_jaxcells_input(tmp_path):
     import jax.numpy as jnp
 
+    from jaxcell import models
     from jaxcell.data.images import load_images
     from jaxcell.train import prepare
 
@@ -135,7 +136,7 @@ def test_preprocess_is_jaxcells_input(tmp_path):
     want = np.asarray(prepare(jnp.asarray(load_images(files, 24)), pre)).transpose(0, 3, 1, 2)
     got = torch_ref.preprocess(files, pre).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
-    centred = {**pre, "mean": [0.0] * 3, "std": [0.25] * 3, "od_center": True}  # --od-center
+    centred = models.preprocessing("resnet18", 24, od_center=True)  # what --od-center records
     want = np.asarray(prepare(jnp.asarray(load_images(files, 24)), centred)).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(torch_ref.preprocess(files, centred).numpy(), want, rtol=0, atol=2e-6)
     # uint8 arrays of another size are resized as the decoder resizes them
