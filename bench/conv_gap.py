@@ -1,12 +1,18 @@
 """The CPU convolution gap, one convolution at a time: forward, input gradient and weight gradient
 under XLA:CPU's defaults (YNNPACK), under jaxcell's CPU options (Eigen: jaxcell.train.
-CPU_COMPILER_OPTIONS) and in PyTorch (oneDNN); plus the weight gradient as an im2col product.
+CPU_COMPILER_OPTIONS) and in PyTorch (oneDNN); plus the weight gradient as an im2col product, and
+the three together as a training step computes them: jaxcell's convolution (`layers.
+conv_general_dilated`, its CPU custom VJP included) against torch's forward and backward.
 
-    .venv/bin/python bench/conv_gap.py [--shapes 32x64x64x128x3x1,...] [--rounds 7]
+    .venv/bin/python bench/conv_gap.py [--shapes 32x64x64x128x3x1,...|resnet18-224] [--rounds 7]
 
-A shape is BATCHxSIZExCINxCOUTxKERNELxSTRIDE (NHWC, padding (kernel - 1) // 2). Every variant
-runs once per round, round-robin, so that a busy machine slows all of them alike; the figure is
-the median over rounds, in ms. The JAX variants are checked against autodiff before timing.
+A shape is BATCHxSIZExCINxCOUTxKERNELxSTRIDE (NHWC, padding (kernel - 1) // 2). A preset names a
+model's convolutions with their counts (the first layer without an input gradient) and adds the
+weighted total. Every variant runs once per round, round-robin, so that a busy machine slows all
+of them alike; the figure is the median over rounds, in ms. The JAX variants are checked against
+autodiff before timing. As in `jaxcell bench`, the process keeps freed memory (jaxcell._malloc)
+and torch's OpenMP threads wait passively: without the first, every output's pages fault in
+afresh on each call (the stem's forward measured 63 ms instead of 30).
 """
 
 import argparse
@@ -14,13 +20,19 @@ import os
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
-from jax import lax
+from jaxcell import _malloc
 
-from jaxcell.train import CPU_COMPILER_OPTIONS
+_malloc.keep_freed_memory()  # before JAX starts its threads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its own
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from jax import lax  # noqa: E402
+
+from jaxcell.models import layers  # noqa: E402
+from jaxcell.train import CPU_COMPILER_OPTIONS  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -34,7 +46,16 @@ def im2col_weight_grad(x, dy, k, s, p):
     return g.reshape(k, k, x.shape[-1], dy.shape[-1])
 
 
-def measure(b, h, cin, cout, k, s, rounds):
+# ResNet18 at 224 px, batch 16 (the CPU table's setting): (shape, count, input gradient needed).
+PRESETS = {"resnet18-224": [("16x224x3x64x7x2", 1, False), ("16x56x64x64x3x1", 4, True),
+                            ("16x56x64x128x3x2", 1, True), ("16x56x64x128x1x2", 1, True),
+                            ("16x28x128x128x3x1", 3, True), ("16x28x128x256x3x2", 1, True),
+                            ("16x28x128x256x1x2", 1, True), ("16x14x256x256x3x1", 3, True),
+                            ("16x14x256x512x3x2", 1, True), ("16x14x256x512x1x2", 1, True),
+                            ("16x7x512x512x3x1", 3, True)]}
+
+
+def measure(b, h, cin, cout, k, s, rounds, needs_dx=True):
     p = (k - 1) // 2
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((b, h, h, cin), np.float32))
@@ -45,7 +66,28 @@ def measure(b, h, cin, cout, k, s, rounds):
     _, vjp = jax.vjp(fwd, x, w)
     ref_dw = vjp(dy)[1]
 
+    ref_dx = vjp(dy)[0]
     runs = {}
+    # The training step's three convolutions, as jaxcell computes them on a CPU.
+    dims = lax.conv_dimension_numbers(x.shape, w.shape, DN)
+    ours = lambda x, w: layers.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=dims)  # noqa: E731
+
+    def step(x, w, dy):
+        y, back = jax.vjp(ours, x, w)
+        dx, dw = back(dy)
+        return (y, dx, dw) if needs_dx else (y, dw)
+
+    with_layers = layers.XLA_CPU_WORKAROUNDS
+    layers.XLA_CPU_WORKAROUNDS = True
+    try:
+        step = jax.jit(step, compiler_options=CPU_COMPILER_OPTIONS).lower(x, w, dy).compile()
+    finally:
+        layers.XLA_CPU_WORKAROUNDS = with_layers
+    out = step(x, w, dy)
+    for got, want in zip(out, (y, ref_dx, ref_dw) if needs_dx else (y, ref_dw)):
+        err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+        assert err < 1e-4, ("jaxcell step", err)
+    runs["jaxcell step"] = lambda: jax.block_until_ready(step(x, w, dy))
     for tag, options in (("xla", None), ("eigen", CPU_COMPILER_OPTIONS)):
         jit = lambda f: jax.jit(f, compiler_options=options)  # noqa: E731
         variants = {"fwd": (jit(fwd), (x, w)),
@@ -68,6 +110,7 @@ def measure(b, h, cin, cout, k, s, rounds):
     runs["torch fwd"] = lambda: torch.nn.functional.conv2d(xt, wt, None, s, p)
     runs["torch dx"] = back([True, False, False])
     runs["torch dw"] = back([False, True, False])
+    runs["torch step"] = lambda: (torch.nn.functional.conv2d(xt, wt, None, s, p), back([needs_dx, True, False])())
 
     times = {name: [] for name in runs}
     with torch.no_grad():
@@ -83,17 +126,27 @@ def measure(b, h, cin, cout, k, s, rounds):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="32x64x64x128x3x1")
+    parser.add_argument("--shapes", default="32x64x64x128x3x1", help="shapes, comma-separated, or a preset: "
+                        + ", ".join(PRESETS))
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    for shape in args.shapes.split(","):
+    shapes = PRESETS.get(args.shapes) or [(shape, 1, True) for shape in args.shapes.split(",")]
+    total = {"jaxcell": 0.0, "torch": 0.0}
+    for shape, count, needs_dx in shapes:
         b, h, cin, cout, k, s = (int(v) for v in shape.split("x"))
-        ms = measure(b, h, cin, cout, k, s, args.rounds)
-        print(f"batch {b}, {h} px, {cin}->{cout}, {k}x{k}/{s} (load {os.getloadavg()[0]:.1f}), ms: "
+        ms = measure(b, h, cin, cout, k, s, args.rounds, needs_dx)
+        total["jaxcell"] += count * ms["jaxcell step"]
+        total["torch"] += count * ms["torch step"]
+        print(f"batch {b}, {h} px, {cin}->{cout}, {k}x{k}/{s} x{count} (load {os.getloadavg()[0]:.1f}), ms: "
               + "  ".join(f"{op}: xla {ms['xla ' + op]:.1f} eigen {ms['eigen ' + op]:.1f} torch {ms['torch ' + op]:.1f}"
                           for op in ("fwd", "dx", "dw"))
-              + f"  dw im2col (xla): {ms['xla dw im2col']:.1f}", flush=True)
+              + f"  dw im2col (xla): {ms['xla dw im2col']:.1f}"
+              + f"  step{'' if needs_dx else ' (no dx)'}: jaxcell {ms['jaxcell step']:.1f} torch {ms['torch step']:.1f}",
+              flush=True)
+    if len(shapes) > 1:
+        print(f"total over the convolutions, each times its count, ms: jaxcell {total['jaxcell']:.0f}, "
+              f"torch {total['torch']:.0f}, torch / jaxcell {total['torch'] / total['jaxcell']:.2f}")
 
 
 if __name__ == "__main__":

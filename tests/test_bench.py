@@ -4,6 +4,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,21 @@ def test_gpu_script_quick_mode_measures_jax_and_torch(tmp_path):
                 == ("jax", r["precision"], r["mode"], 1)))
     summary = (out / "summary.md").read_text()
     assert summary.count("| lightnetcell |") == len(rows) + len(piped) + 2  # + the pipeline table's two
+
+
+def test_conv_gap_script_checks_and_times_every_variant():
+    """bench/conv_gap.py on two tiny shapes, one of them a stride-2 first layer: every variant,
+    jaxcell's custom-VJP step included, agrees with autodiff (the script asserts it) and is timed."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "conv_gap.py"),
+                           "--shapes", "2x12x4x8x3x1,2x12x3x8x7x2", "--rounds", "1"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("batch 2")]
+    assert len(lines) == 2
+    for line in lines:
+        for part in ("fwd: xla", "dx: xla", "dw: xla", "dw im2col (xla)", "step: jaxcell"):
+            assert part in line
+    assert "total over the convolutions" in done.stdout
 
 
 def test_a_failing_runner_is_recorded_and_the_others_go_on(monkeypatch):
