@@ -511,7 +511,8 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"))
     if resume and checkpoints.latest_step() is not None:
         state = checkpoints.restore(abstract_state(model, tx, config.image_size, placement.replicated), "last")
-        log(f"resumed from step {int(local(state.step))}")
+        if is_main_process():
+            log(f"resumed from step {int(local(state.step))}")
     else:
         state = jax.jit(lambda r: init_state(model, tx, config.image_size, r),
                         out_shardings=placement.replicated)(init_key(config.seed))

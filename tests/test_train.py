@@ -59,12 +59,27 @@ def test_extending_a_run_with_resume_continues_bit_identically(smears, tmp_path)
     train(config(epochs=1, checkpoint_every=3, input_pipeline="host", **flat), smears, workdir, progress=False,
           log=said.append)
     assert said == ["input pipeline: host (as asked; training split 0.1 MB)"], said
-    resumed = train(config(epochs=2, input_pipeline="host", **flat), smears, workdir, resume=True, progress=False)
+    said.clear()
+    resumed = train(config(epochs=2, input_pipeline="host", **flat), smears, workdir, resume=True, progress=False,
+                    log=said.append)
+    first_epoch = len(smears.splits["train"][1]) // 8
+    assert said == [f"resumed from step {first_epoch}", "input pipeline: host (as asked; training split 0.1 MB)"], said
     assert int(resumed.state.step) == int(straight.state.step)
     for a, b in zip(leaves(straight.state), leaves(resumed.state)):
         np.testing.assert_array_equal(a, b)
     epochs = [json.loads(line)["epoch"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert epochs == [1, 2]
+
+
+def test_only_the_main_process_says_it_resumed(smears, tmp_path, monkeypatch):
+    import jaxcell.train as trainer
+
+    workdir = str(tmp_path / "run")
+    train(config(), smears, workdir, progress=False, log=lambda _: None)
+    monkeypatch.setattr(trainer, "is_main_process", lambda: False)  # as process 1 of a job would
+    said = []
+    resumed = train(config(epochs=2), smears, workdir, resume=True, progress=False, log=said.append)
+    assert said == [] and int(resumed.state.step) == 2 * (len(smears.splits["train"][1]) // 8)
 
 
 def test_workdir_holds_config_history_and_last_and_best_checkpoints(smears, tmp_path):
