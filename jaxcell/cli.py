@@ -94,7 +94,10 @@ def add_run_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="learning rate after the linear warm-up")
     t.add_argument("--warmup-steps", type=int, metavar="N", help="default: a tenth of the run")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0,
+                   help="initialization, data order and augmentation; also the data split unless --split-seed")
+    t.add_argument("--split-seed", type=int, metavar="N",
+                   help="the train/val/test split's seed (default: --seed): fix it to vary only the rest")
     t.add_argument("--synthetic-examples", type=positive, default=1200)
     add_input_args(t)
 
@@ -306,7 +309,7 @@ def cmd_train(args) -> int:
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     from jaxcell import data, models
-    from jaxcell.train import TrainConfig, is_main_process, train
+    from jaxcell.train import TrainConfig, is_main_process, split_seed, train
 
     model_kwargs = dict(args.model_arg)
     models.create(args.model, image_size=args.image_size, **model_kwargs)  # unknown names fail before any work
@@ -320,7 +323,7 @@ def cmd_train(args) -> int:
             raise UserError(f"recipe {r.name} needs {lacking}")
         recipe = f"{r.name} v{r.version}"
     config = TrainConfig(model=args.model, model_kwargs=model_kwargs, image_size=args.image_size,
-                         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, split_seed=args.split_seed,
                          lr=args.lr if args.lr is not None else models.spec(args.model).lr,
                          data=os.path.abspath(args.data) if args.data else None,
                          synthetic_examples=args.synthetic_examples, checkpoint_every=args.checkpoint_every,
@@ -332,7 +335,7 @@ def cmd_train(args) -> int:
                          init_from=os.path.abspath(args.init_from) if args.init_from else None,
                          freeze_backbone=args.freeze_backbone, head_epochs=args.head_epochs,
                          backbone_lr_scale=args.backbone_lr_scale, recipe=recipe)
-    dataset = data.load(config.data, config.image_size, seed=config.seed,
+    dataset = data.load(config.data, config.image_size, seed=split_seed(config.to_dict()),
                         synthetic_examples=config.synthetic_examples, cache_dir=args.cache_dir)
     if is_main_process():
         print(f"{args.model} on {dataset.source}: "

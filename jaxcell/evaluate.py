@@ -300,11 +300,13 @@ class _Datasets:
 
     def get(self, member: Member):
         from jaxcell import data
+        from jaxcell.train import split_seed
 
         t = member.record["train"]
-        key = (t["data"], member.image_size, t["seed"], t["synthetic_examples"])
+        seed = split_seed(t)
+        key = (t["data"], member.image_size, seed, t["synthetic_examples"])
         if key not in self.loaded:
-            self.loaded[key] = data.load(t["data"], member.image_size, seed=t["seed"],
+            self.loaded[key] = data.load(t["data"], member.image_size, seed=seed,
                                          synthetic_examples=t["synthetic_examples"], cache_dir=self.cache_dir)
         return self.loaded[key]
 
@@ -349,11 +351,14 @@ def _check_ensemble(members: list[Member], folder: str | None) -> None:
             raise UserError(f"{m.workdir} predicts classes {m.record['class_names']}, {first.workdir} "
                             f"{first.record['class_names']}: an ensemble needs the same classes in the same order")
         if folder is None:
+            from jaxcell.train import split_seed
+
             a, b = first.record["train"], m.record["train"]
-            for key in ("data", "seed", "synthetic_examples"):
-                if a[key] != b[key]:
+            for key, x, y in (("data", a["data"], b["data"]), ("split seed", split_seed(a), split_seed(b)),
+                              ("synthetic_examples", a["synthetic_examples"], b["synthetic_examples"])):
+                if x != y:
                     raise UserError(f"{m.workdir} and {first.workdir} were trained on different splits "
-                                    f"({key}: {b[key]!r} vs {a[key]!r}); evaluate the ensemble on a folder with --data")
+                                    f"({key}: {y!r} vs {x!r}); evaluate the ensemble on a folder with --data")
 
 
 def run_evaluation(workdirs: list[str], *, checkpoint="best", model: str | None = None, data_dir: str | None = None,

@@ -17,7 +17,8 @@ def workdir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("cli") / "run")
     code = main(["train", "--model", "lightnetcell", *TINY, "--image-size", "16", "--epochs", "2",
                  "--batch-size", "8", "--synthetic-examples", "80", "--workdir", path, "--no-progress",
-                 "--crop-scale", "0.8", "--hue-jitter", "0.05", "--input-pipeline", "host"])
+                 "--crop-scale", "0.8", "--hue-jitter", "0.05", "--input-pipeline", "host", "--seed", "2",
+                 "--split-seed", "3"])
     assert code == 0
     return path
 
@@ -25,6 +26,19 @@ def workdir(tmp_path_factory):
 def test_train_records_its_augmentation_and_pipeline(workdir):
     train = json.load(open(os.path.join(workdir, "config.json")))["train"]
     assert (train["crop_scale"], train["hue_jitter"], train["input_pipeline"]) == (0.8, 0.05, "host")
+
+
+def test_split_seed_fixes_the_split_apart_from_the_seed(workdir):
+    from jaxcell import data, evaluate
+
+    train = json.load(open(os.path.join(workdir, "config.json")))["train"]
+    assert (train["seed"], train["split_seed"]) == (2, 3)
+    want = data.load(None, 16, seed=3, synthetic_examples=80).splits["test"]
+    other = data.load(None, 16, seed=2, synthetic_examples=80).splits["test"]
+    assert want[0].shape != other[0].shape or not np.array_equal(want[0], other[0])
+    got = evaluate.run_evaluation([workdir], split="test", resamples=0, calibrate=False)
+    np.testing.assert_array_equal(got.images, want[0])
+    np.testing.assert_array_equal(got.labels, want[1])
 
 
 def test_evaluate_writes_the_report(workdir, tmp_path, capsys):

@@ -257,10 +257,15 @@ def test_an_ensemble_refuses_members_that_disagree(w16, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(w16, other)
     config = json.load(open(other / "config.json"))
-    config["train"]["seed"] = 5
+    seed = config["train"]["seed"]
+    config["train"]["seed"] = 5  # without a split seed, the seed draws the split too
     json.dump(config, open(other / "config.json", "w"))
     assert main(["evaluate", "--workdir", w16, "--workdir", str(other)]) == 2
     assert "different splits" in capsys.readouterr().err
+    config["train"]["split_seed"] = seed  # another seed on the same split: an ensemble of seeds
+    json.dump(config, open(other / "config.json", "w"))
+    assert main(["evaluate", "--workdir", w16, "--workdir", str(other), "--bootstrap", "0"]) == 0
+    capsys.readouterr()
     config["class_names"] = config["class_names"][::-1]
     json.dump(config, open(other / "config.json", "w"))
     assert main(["evaluate", "--workdir", w16, "--workdir", str(other)]) == 2
