@@ -24,6 +24,7 @@ import ast
 import dataclasses
 import json
 import os
+import signal
 import sys
 
 from jaxcell.errors import UserError
@@ -556,7 +557,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxcell: error: {error}", file=sys.stderr)
         return 2
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`jaxcell recipes | head -1`): stop quietly, as Unix tools do.
+        # stdout goes to /dev/null so that the interpreter's last flush finds nothing to fail on.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except UserError as error:
         print(f"jaxcell {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -131,3 +131,18 @@ def test_a_corrupt_image_is_named_not_dropped(workdir, tmp_path, capsys):
     assert main(["predict", "--workdir", workdir, str(good), str(bad)]) == 2
     assert "bad.jpg" in capsys.readouterr().err
     assert main(["predict", "--workdir", workdir, str(good)]) == 0
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`jaxcell recipes | head -1`: the reader closes the pipe before the command writes; the
+    command stops with SIGPIPE's status and no traceback."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "jaxcell.cli", "recipes"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    child.stdout.close()  # long before the command has imported its modules and printed
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
