@@ -292,8 +292,9 @@ def predict_views(member: Member, images: np.ndarray, tta: bool = False, batch_s
                      for v in views]).astype(np.float64)
 
 
-class _Datasets:
-    """Each workdir's own data set, loaded once per (source, size, seed, examples)."""
+class Datasets:
+    """Each workdir's own data set, loaded once per (source, size, split seed, examples); pass one
+    to several run_evaluation calls to load it once for all of them."""
 
     def __init__(self, cache_dir: str | None):
         self.cache_dir, self.loaded = cache_dir, {}
@@ -311,7 +312,7 @@ class _Datasets:
         return self.loaded[key]
 
 
-def temperature(member: Member, datasets: _Datasets, tta: bool, batch_size: int, refit: bool) -> dict:
+def temperature(member: Member, datasets: Datasets, tta: bool, batch_size: int, refit: bool) -> dict:
     """The member's temperature entry from calibration.json, fitted on its validation split
     (clean images) and stored when absent or when refit is asked for."""
     if not refit:
@@ -365,14 +366,14 @@ def run_evaluation(workdirs: list[str], *, checkpoint="best", model: str | None 
                    split: str = "test", tta: bool = False, shift: float = 0.0, shift_seed: int = 0,
                    calibrate: bool = True, refit_temperature: bool = False, batch_size: int = 64,
                    cache_dir: str | None = None, resamples: int = BOOTSTRAP_RESAMPLES,
-                   log=lambda message: None) -> Evaluation:
+                   datasets: Datasets | None = None, log=lambda message: None) -> Evaluation:
     """Evaluate one workdir or an ensemble (probabilities averaged) on a split or a folder."""
     from jaxcell import data
 
     members = [restore(w, checkpoint, model) for w in workdirs]
     _check_ensemble(members, data_dir)
     names = members[0].record["class_names"]
-    datasets = _Datasets(cache_dir)
+    datasets = datasets if datasets is not None else Datasets(cache_dir)
     labels = files = first_images = source = None
     raw, scaled, temps, note = [], [], [], ""
     for m in members:

@@ -10,7 +10,7 @@ run trained on. Everything is recomputed from the workdir; nothing is copied fro
 
 from __future__ import annotations
 
-from jaxcell.evaluate import run_evaluation
+from jaxcell.evaluate import Datasets, run_evaluation
 from jaxcell.summary import summarize
 from jaxcell.train import read_config, read_history
 
@@ -22,10 +22,11 @@ PAPER_ACCURACY = {"lightnetcell": "0.91", "brin": "0.99", "hybrid_vit": "> 0.98"
 def table_row(workdir: str, split: str = "val", shift: float = 0.03, checkpoint: str = "last",
               log=lambda message: None) -> dict:
     record = read_config(workdir)
+    datasets = Datasets(None)  # the clean and the shifted evaluation share one load of the data
     clean = run_evaluation([workdir], checkpoint=checkpoint, split=split, calibrate=False, resamples=0,
-                           log=log).result
+                           datasets=datasets, log=log).result
     shifted = run_evaluation([workdir], checkpoint=checkpoint, split=split, shift=shift, calibrate=False,
-                             resamples=0, log=log).result
+                             resamples=0, datasets=datasets, log=log).result
     kwargs = {k: v for k, v in record["model_kwargs"].items() if k not in ("num_classes", "image_size")}
     size = summarize(record["model"], record["model_kwargs"]["image_size"],
                      record["model_kwargs"]["num_classes"], **kwargs)

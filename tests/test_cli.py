@@ -54,10 +54,17 @@ def test_evaluate_writes_the_report(workdir, tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
-def test_table_row_is_what_evaluate_measures(workdir, tmp_path, capsys):
+def test_table_row_is_what_evaluate_measures(workdir, tmp_path, capsys, monkeypatch):
+    from jaxcell import data
+
     rows, clean, shifted = (str(tmp_path / f) for f in ("rows.json", "clean.json", "shifted.json"))
+    loads = []
+    real_load = data.load
+    monkeypatch.setattr(data, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     assert main(["table", "--workdir", workdir, "--split", "val", "--shift", "0.05", "--json", rows,
                  "--markdown", str(tmp_path / "t.md")]) == 0
+    assert len(loads) == 1  # one load of the data for the clean and the shifted columns
+    monkeypatch.undo()
     assert main(["evaluate", "--workdir", workdir, "--split", "val", "--checkpoint", "last", "--out", clean]) == 0
     assert main(["evaluate", "--workdir", workdir, "--split", "val", "--checkpoint", "last", "--stain-shift", "0.05",
                  "--out", shifted]) == 0
