@@ -98,7 +98,8 @@ def add_run_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0,
                    help="initialization, data order and augmentation; also the data split unless --split-seed")
     t.add_argument("--split-seed", type=int, metavar="N",
-                   help="the train/val/test split's seed (default: --seed): fix it to vary only the rest")
+                   help="the train/val/test split's seed, and the images' for synthetic smears (default: "
+                        "--seed): fix it to vary only the rest")
     t.add_argument("--synthetic-examples", type=positive, default=1200)
     add_input_args(t)
 
