@@ -64,13 +64,14 @@ def measure(b, h, cin, cout, k, s, rounds, needs_dx=True):
     y = fwd(x, w)
     dy = jnp.asarray(rng.standard_normal(y.shape, np.float32))
     _, vjp = jax.vjp(fwd, x, w)
-    ref_dw = vjp(dy)[1]
+    ref_dx, ref_dw = vjp(dy)
 
-    ref_dx = vjp(dy)[0]
     runs = {}
     # The training step's three convolutions, as jaxcell computes them on a CPU.
     dims = lax.conv_dimension_numbers(x.shape, w.shape, DN)
-    ours = lambda x, w: layers.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=dims)  # noqa: E731
+
+    def ours(x, w):
+        return layers.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=dims)
 
     def step(x, w, dy):
         y, back = jax.vjp(ours, x, w)
@@ -142,7 +143,8 @@ def main() -> None:
               + "  ".join(f"{op}: xla {ms['xla ' + op]:.1f} eigen {ms['eigen ' + op]:.1f} torch {ms['torch ' + op]:.1f}"
                           for op in ("fwd", "dx", "dw"))
               + f"  dw im2col (xla): {ms['xla dw im2col']:.1f}"
-              + f"  step{'' if needs_dx else ' (no dx)'}: jaxcell {ms['jaxcell step']:.1f} torch {ms['torch step']:.1f}",
+              + f"  step{'' if needs_dx else ' (no dx)'}: "
+              + f"jaxcell {ms['jaxcell step']:.1f} torch {ms['torch step']:.1f}",
               flush=True)
     if len(shapes) > 1:
         print(f"total over the convolutions, each times its count, ms: jaxcell {total['jaxcell']:.0f}, "

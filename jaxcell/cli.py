@@ -325,7 +325,8 @@ def cmd_train(args) -> int:
             raise UserError(f"recipe {r.name} needs {lacking}")
         recipe = f"{r.name} v{r.version}"
     config = TrainConfig(model=args.model, model_kwargs=model_kwargs, image_size=args.image_size,
-                         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, split_seed=args.split_seed,
+                         epochs=args.epochs, batch_size=args.batch_size,
+                         seed=args.seed, split_seed=args.split_seed,
                          lr=args.lr if args.lr is not None else models.spec(args.model).lr,
                          data=os.path.abspath(args.data) if args.data else None,
                          synthetic_examples=args.synthetic_examples, checkpoint_every=args.checkpoint_every,
