@@ -42,7 +42,12 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, tolerance: float = 1e-4) -> float:
-    """T minimising the NLL of `probabilities(logits, T)`: golden-section search on log T."""
+    """T minimising the NLL of `probabilities(logits, T)`: golden-section search on log T.
+
+    1.0 when the NLL still falls at the smallest T of the range (LOG_T_RANGE): sharper is then
+    always likelier, as when every example is classified right, and the "minimum" would make the
+    model near one-hot on the strength of no error at all (and let it outweigh the other members
+    of an ensemble). With no error to learn from, the model's own probabilities stay."""
     labels = np.asarray(labels)
     if len(labels) == 0:
         raise ValueError("cannot fit a temperature on no examples")
@@ -63,7 +68,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, tolerance: float = 1
             a, c, fc = c, d, fd
             d = a + ratio * (b - a)
             fd = f(d)
-    return float(math.exp((a + b) / 2))
+    log_t = (a + b) / 2
+    return 1.0 if log_t - LOG_T_RANGE[0] < 1e-3 else float(math.exp(log_t))
 
 
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict:

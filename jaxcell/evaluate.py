@@ -325,7 +325,8 @@ def temperature(member: Member, datasets: Datasets, tta: bool, batch_size: int, 
     logits = predict_views(member, images, tta, batch_size)
     t = calibration.fit_temperature(logits, labels)
     entry = {"temperature": t, "checkpoint_step": member.step, "tta": tta, "fitted_on": "val split",
-             # At the edge of the search range the NLL still falls beyond it (a model near chance).
+             # At the upper edge of the search range the NLL still falls beyond it (a model near
+             # chance); at the lower edge fit_temperature keeps T = 1 instead.
              "at_search_limit": bool(min(abs(np.log(t) - b) for b in calibration.LOG_T_RANGE) < 1e-3),
              "num_examples": int(len(labels)),
              "nll_before": calibration.nll(calibration.probabilities(logits), labels),

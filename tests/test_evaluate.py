@@ -94,6 +94,18 @@ def test_temperature_of_averaged_views():
     assert f(t) <= min(f(t * 0.97), f(t * 1.03)) + 1e-9
 
 
+def test_no_temperature_is_fitted_on_a_split_without_errors():
+    """Every example right: the NLL falls all the way to the smallest temperature, which would make
+    the model near one-hot; T stays 1. One error gives the NLL a minimum again."""
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 2, (300, 4))
+    labels = logits.argmax(1)
+    assert calibration.fit_temperature(logits, labels) == 1.0
+    labels[0] = (labels[0] + 1) % 4
+    t = calibration.fit_temperature(logits, labels)
+    assert np.log(t) - calibration.LOG_T_RANGE[0] > 0.1 and t != 1.0
+
+
 def test_calibration_file_round_trip(tmp_path):
     assert calibration.read_temperature(str(tmp_path), 10, False) is None
     calibration.write_temperature(str(tmp_path), 10, False, {"temperature": 1.5})
