@@ -311,7 +311,7 @@ def cmd_train(args) -> int:
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     from jaxcell import data, models
-    from jaxcell.train import TrainConfig, is_main_process, split_seed, train
+    from jaxcell.train import TrainConfig, is_main_process, train
 
     model_kwargs = dict(args.model_arg)
     models.create(args.model, image_size=args.image_size, **model_kwargs)  # unknown names fail before any work
@@ -338,7 +338,7 @@ def cmd_train(args) -> int:
                          init_from=os.path.abspath(args.init_from) if args.init_from else None,
                          freeze_backbone=args.freeze_backbone, head_epochs=args.head_epochs,
                          backbone_lr_scale=args.backbone_lr_scale, recipe=recipe)
-    dataset = data.load(config.data, config.image_size, seed=split_seed(config.to_dict()),
+    dataset = data.load(config.data, config.image_size, seed=data.split_seed(config.to_dict()),
                         synthetic_examples=config.synthetic_examples, cache_dir=args.cache_dir)
     if is_main_process():
         print(f"{args.model} on {dataset.source}: "

@@ -301,10 +301,9 @@ class Datasets:
 
     def get(self, member: Member):
         from jaxcell import data
-        from jaxcell.train import split_seed
 
         t = member.record["train"]
-        seed = split_seed(t)
+        seed = data.split_seed(t)
         key = (t["data"], member.image_size, seed, t["synthetic_examples"])
         if key not in self.loaded:
             self.loaded[key] = data.load(t["data"], member.image_size, seed=seed,
@@ -353,7 +352,7 @@ def _check_ensemble(members: list[Member], folder: str | None) -> None:
             raise UserError(f"{m.workdir} predicts classes {m.record['class_names']}, {first.workdir} "
                             f"{first.record['class_names']}: an ensemble needs the same classes in the same order")
         if folder is None:
-            from jaxcell.train import split_seed
+            from jaxcell.data import split_seed
 
             a, b = first.record["train"], m.record["train"]
             for key, x, y in (("data", a["data"], b["data"]), ("split seed", split_seed(a), split_seed(b)),

@@ -47,7 +47,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
-    seed: int = 0                      # initialization, data order, augmentation; the split too, unless split_seed
+    seed: int = 0                      # initialization, data order, augmentation; the split unless split_seed
     split_seed: int | None = None      # the train/val/test split's seed; None: seed
     data: str | None = None            # a class-folder tree; None: synthetic smears
     synthetic_examples: int = 1200
@@ -388,13 +388,6 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Workdir: config.json (everything evaluate/predict need), metrics.jsonl, checkpoints/.
-
-def split_seed(train_record: dict) -> int:
-    """The seed of a run's data split, from its TrainConfig as a dict (config.json's "train"):
-    split_seed, or seed where it is unset (as in runs from before split_seed existed)."""
-    chosen = train_record.get("split_seed")
-    return train_record["seed"] if chosen is None else chosen
-
 
 def write_config(workdir: str, config: TrainConfig, dataset: Dataset) -> dict:
     record = {

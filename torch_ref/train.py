@@ -231,6 +231,7 @@ def train(args: argparse.Namespace, dataset, preprocessing: dict, log=print) -> 
         # the keys of jaxcell.train.TrainConfig, so jaxcell reads this record as its own
         "train": {"model": args.model, "model_kwargs": dict(args.model_arg), "image_size": args.image_size,
                   "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                  "split_seed": args.split_seed,
                   "data": os.path.abspath(args.data) if args.data else None,
                   "synthetic_examples": args.synthetic_examples, "checkpoint_every": 0,
                   "augment": not args.no_augment, "stain_jitter": args.stain_jitter,
@@ -323,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         preprocessing = models.preprocessing(args.model, args.image_size, args.od_center)
         if args.lr is None:
             args.lr = spec.lr
-        dataset = data.load(os.path.abspath(args.data) if args.data else None, args.image_size, seed=args.seed,
+        seed = data.split_seed({"seed": args.seed, "split_seed": args.split_seed})
+        dataset = data.load(os.path.abspath(args.data) if args.data else None, args.image_size, seed=seed,
                             synthetic_examples=args.synthetic_examples, cache_dir=args.cache_dir)
         print(f"{args.model} (torch) on {dataset.source}: "
               + ", ".join(f"{k} {len(v[1])}" for k, v in dataset.splits.items()))

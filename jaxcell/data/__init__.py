@@ -41,6 +41,14 @@ class Dataset:
         return f"{self.source}; {counts}; {self.split_note}"
 
 
+def split_seed(train_record: dict) -> int:
+    """The seed of a run's data split, from its TrainConfig as a dict (config.json's "train", also
+    written by torch_ref.train): split_seed, or seed where it is unset (as in runs from before
+    split_seed existed)."""
+    chosen = train_record.get("split_seed")
+    return train_record["seed"] if chosen is None else chosen
+
+
 def load(data_dir: str | os.PathLike | None, image_size: int, seed: int = 0,
          synthetic_examples: int = 1200, cache_dir: str | os.PathLike | None = None) -> Dataset:
     """A folder of class folders (TFDS-cached, see jaxcell.data.folders), or synthetic smears if None."""
