@@ -326,7 +326,7 @@ def temperature(member: Member, datasets: Datasets, tta: bool, batch_size: int, 
     entry = {"temperature": t, "checkpoint_step": member.step, "tta": tta, "fitted_on": "val split",
              # At the upper edge of the search range the NLL still falls beyond it (a model near
              # chance); at the lower edge fit_temperature keeps T = 1 instead.
-             "at_search_limit": bool(min(abs(np.log(t) - b) for b in calibration.LOG_T_RANGE) < 1e-3),
+             "at_search_limit": bool(abs(np.log(t) - calibration.LOG_T_RANGE[1]) < 1e-3),
              "num_examples": int(len(labels)),
              "nll_before": calibration.nll(calibration.probabilities(logits), labels),
              "nll_after": calibration.nll(calibration.probabilities(logits, t), labels)}
@@ -346,14 +346,14 @@ class Evaluation:
 
 
 def _check_ensemble(members: list[Member], folder: str | None) -> None:
+    from jaxcell.data import split_seed
+
     first = members[0]
     for m in members[1:]:
         if m.record["class_names"] != first.record["class_names"]:
             raise UserError(f"{m.workdir} predicts classes {m.record['class_names']}, {first.workdir} "
                             f"{first.record['class_names']}: an ensemble needs the same classes in the same order")
         if folder is None:
-            from jaxcell.data import split_seed
-
             a, b = first.record["train"], m.record["train"]
             for key, x, y in (("data", a["data"], b["data"]), ("split seed", split_seed(a), split_seed(b)),
                               ("synthetic_examples", a["synthetic_examples"], b["synthetic_examples"])):

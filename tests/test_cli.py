@@ -152,4 +152,3 @@ def test_a_closed_pipe_ends_the_command_quietly():
     _, err = child.communicate(timeout=120)
     assert child.returncode == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
-

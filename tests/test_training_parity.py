@@ -159,10 +159,11 @@ def test_torch_trainer_writes_a_workdir_jaxcell_can_import_and_evaluate(tmp_path
     workdir = str(tmp_path / "torch-run")
     args = ["--model", "lightnetcell", "--model-arg", "widths=(8,16,16)", "--model-arg", "hidden=16",
             "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--synthetic-examples", "64",
-            "--crop-scale", "0.5", "--hue-jitter", "0.05", "--workdir", workdir]
+            "--crop-scale", "0.5", "--hue-jitter", "0.05", "--split-seed", "3", "--workdir", workdir]
     assert torch_train(args) == 0
     record = json.load(open(os.path.join(workdir, "config.json")))
     assert set(record["train"]) == set(TrainConfig().to_dict())
+    assert record["train"]["split_seed"] == 3 and record["data"]["source"].endswith("seed 3)")  # split by it
     assert (record["train"]["crop_scale"], record["train"]["hue_jitter"]) == (0.5, 0.05)
     assert record["model_kwargs"] == {"num_classes": 4, "image_size": 32, "widths": [8, 16, 16], "hidden": 16}
     history = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]

@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         preprocessing = models.preprocessing(args.model, args.image_size, args.od_center)
         if args.lr is None:
             args.lr = spec.lr
-        seed = data.split_seed({"seed": args.seed, "split_seed": args.split_seed})
-        dataset = data.load(os.path.abspath(args.data) if args.data else None, args.image_size, seed=seed,
+        dataset = data.load(os.path.abspath(args.data) if args.data else None, args.image_size,
+                            seed=data.split_seed(vars(args)),
                             synthetic_examples=args.synthetic_examples, cache_dir=args.cache_dir)
         print(f"{args.model} (torch) on {dataset.source}: "
               + ", ".join(f"{k} {len(v[1])}" for k, v in dataset.splits.items()))
