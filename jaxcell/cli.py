@@ -47,6 +47,13 @@ def positive(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:  # numpy's generators, which draw the split and the synthetic smears, refuse them
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -95,9 +102,9 @@ def add_run_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="learning rate after the linear warm-up")
     t.add_argument("--warmup-steps", type=int, metavar="N", help="default: a tenth of the run")
-    t.add_argument("--seed", type=int, default=0,
+    t.add_argument("--seed", type=non_negative_int, default=0,
                    help="initialization, data order and augmentation; also the data split unless --split-seed")
-    t.add_argument("--split-seed", type=int, metavar="N",
+    t.add_argument("--split-seed", type=non_negative_int, metavar="N",
                    help="the train/val/test split's seed, and the images' for synthetic smears (default: "
                         "--seed): fix it to vary only the rest")
     t.add_argument("--synthetic-examples", type=positive, default=1200)

@@ -120,6 +120,8 @@ def test_user_errors_are_one_clear_line(argv, message, workdir, tmp_path, capsys
     ("--crop-scale", "1.5", "must be an area fraction in (0, 1], got 1.5"),
     ("--hue-jitter", "-0.1", "must be a number >= 0, got -0.1"),
     ("--input-pipeline", "disk", "invalid choice: 'disk'"),
+    ("--seed", "-1", "must be an integer >= 0, got -1"),
+    ("--split-seed", "-2", "must be an integer >= 0, got -2"),
 ])
 def test_bad_augmentation_and_pipeline_flags_are_refused(flag, value, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
