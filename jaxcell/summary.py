@@ -1,13 +1,16 @@
 """Parameters and forward FLOPs per image of a registered model.
 
 FLOPs come from XLA's own cost analysis of the compiled forward pass at batch 1 (a
-multiply-add counts as two), so they cover every op the model really runs, not a hand count.
+multiply-add counts as two), so they cover every op the model really runs, not a hand count. The
+pass is traced in its plain form: the CPU workarounds of jaxcell.models.layers would add padding
+zeros, and their oneDNN convolutions are calls that XLA cannot count.
 """
 
 import jax
 import jax.numpy as jnp
 
 from jaxcell import models
+from jaxcell.models import layers
 
 
 def summarize(name: str, image_size: int = 224, num_classes: int = 4, **kwargs) -> dict:
@@ -16,7 +19,8 @@ def summarize(name: str, image_size: int = 224, num_classes: int = 4, **kwargs) 
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
     params = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
     forward = jax.jit(lambda v, images: model.apply(v, images, train=False))
-    cost = forward.lower(variables, x).compile().cost_analysis()
+    with layers.cpu_forms(workarounds=False):
+        cost = forward.lower(variables, x).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {"model": name, "image_size": image_size, "parameters": int(params),
             "flops_per_image": float(cost.get("flops", float("nan")))}

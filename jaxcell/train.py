@@ -33,6 +33,7 @@ from jaxcell.checkpoint import Checkpoints
 from jaxcell.data import Dataset
 from jaxcell.data.augment import augment as augment_images
 from jaxcell.errors import UserError
+from jaxcell.models import layers
 from jaxcell.preprocessing import normalize, od_center
 
 CONFIG_FILE = "config.json"
@@ -338,6 +339,9 @@ def compile_steps(placement: Placement, preprocessing: dict, augment: dict | Non
     rep, bat = placement.replicated, placement.batch
     options = compiler_options(placement)
     step = make_train_step(preprocessing, augment, precision)
+    eval_fn = make_eval_step(preprocessing)
+    if placement.size > 1:  # XLA cannot split oneDNN's convolutions over devices (models.layers)
+        step, eval_fn = _traced_without_onednn(step), _traced_without_onednn(eval_fn)
     if gather:
         train_step = jax.jit(make_gather_step(step, bat), in_shardings=(rep, rep, bat, rep),
                              out_shardings=(rep, rep), donate_argnums=0, compiler_options=options)
@@ -345,9 +349,16 @@ def compile_steps(placement: Placement, preprocessing: dict, augment: dict | Non
         train_step = jax.jit(step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0,
                              compiler_options=options)
     # Logits come back replicated, so every process can read all of them (they are small).
-    eval_step = jax.jit(make_eval_step(preprocessing), in_shardings=(rep, bat), out_shardings=rep,
-                        compiler_options=options)
+    eval_step = jax.jit(eval_fn, in_shardings=(rep, bat), out_shardings=rep, compiler_options=options)
     return train_step, eval_step
+
+
+def _traced_without_onednn(fn):
+    @functools.wraps(fn)
+    def traced(*args):
+        with layers.cpu_forms(onednn=False):
+            return fn(*args)
+    return traced
 
 
 def predict_logits(eval_step: Callable, state: TrainState, images: np.ndarray, batch_size: int,

@@ -13,6 +13,7 @@ import pytest
 import torch
 from jax import lax
 
+import jaxcell.onednn
 from jaxcell import bench, train
 from jaxcell.cli import main
 from jaxcell.models import layers
@@ -71,7 +72,7 @@ def test_conv_gap_script_checks_and_times_every_variant():
     lines = [line for line in done.stdout.splitlines() if line.startswith("batch 2")]
     assert len(lines) == 2
     for line in lines:
-        for part in ("fwd: xla", "dx: xla", "dw: xla", "dw im2col (xla)", "step: jaxcell"):
+        for part in ("fwd: xla", "dx: xla", "dw: xla", "dw im2col (xla)", "step: jaxcell", "jaxcell-eigen"):
             assert part in line
     assert "total over the convolutions" in done.stdout
 
@@ -132,9 +133,14 @@ def test_cli_refuses_an_unknown_framework(tmp_path, capsys):
 
 @pytest.fixture
 def workarounds():
-    saved = layers.XLA_CPU_WORKAROUNDS
-    yield lambda on: setattr(layers, "XLA_CPU_WORKAROUNDS", on)
-    layers.XLA_CPU_WORKAROUNDS = saved
+    """workarounds(on, onednn=False): XLA's own convolutions unless oneDNN's are asked for
+    (tests/test_onednn.py covers those)."""
+    saved = layers.XLA_CPU_WORKAROUNDS, layers.ONEDNN_CONVOLUTIONS
+
+    def set_(on, onednn=False):
+        layers.XLA_CPU_WORKAROUNDS, layers.ONEDNN_CONVOLUTIONS = on, onednn
+    yield set_
+    layers.XLA_CPU_WORKAROUNDS, layers.ONEDNN_CONVOLUTIONS = saved
 
 
 @pytest.mark.parametrize("size,window,stride,padding,ceil", [
@@ -168,9 +174,12 @@ CONVS = [(2, 3, 1, 1, 1, 8, 8, 1), (4, 3, 2, 1, 1, 8, 16, 1), (1, 3, 1, 1, 1, 4,
          (8, 3, 1, 2, 2, 4, 4, 1), (8, 1, 2, 0, 1, 4, 8, 1), (8, 3, 1, 1, 1, 16, 16, 8), (7, 3, 2, 1, 1, 8, 4, 2)]
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["xla", "onednn"])
 @pytest.mark.parametrize("size,k,stride,pad,dil,cin,cout,groups", CONVS)
-def test_cpu_convolutions_match_lax(workarounds, size, k, stride, pad, dil, cin, cout, groups):
-    workarounds(True)
+def test_cpu_convolutions_match_lax(workarounds, size, k, stride, pad, dil, cin, cout, groups, onednn):
+    if onednn and not jaxcell.onednn.available():
+        pytest.skip("oneDNN convolutions are not built here (see the warning)")
+    workarounds(True, onednn)
     rng = np.random.default_rng(size * k + cout)
     x = jnp.asarray(rng.standard_normal((2, size, size, cin)).astype(np.float32))
     w = jnp.asarray(rng.standard_normal((k, k, cin // groups, cout)).astype(np.float32))
@@ -180,7 +189,8 @@ def test_cpu_convolutions_match_lax(workarounds, size, k, stride, pad, dil, cin,
     ref = lambda x, w: lax.conv_general_dilated(x, w, dimension_numbers=dn, **args)  # noqa: E731
     ours = lambda x, w: layers.conv_general_dilated(  # noqa: E731
         x, w, dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, dn), **args)
-    assert "custom_vjp" in str(jax.make_jaxpr(ours)(x, w)) or "dot_general" in str(jax.make_jaxpr(ours)(x, w))
+    jaxpr = str(jax.make_jaxpr(ours)(x, w))
+    assert (jaxcell.onednn.TARGET in jaxpr) if onednn else ("custom_vjp" in jaxpr or "dot_general" in jaxpr)
     (y0, vjp0), (y1, vjp1) = jax.vjp(ref, x, w), jax.vjp(ours, x, w)
     g = jnp.asarray(rng.standard_normal(y0.shape).astype(np.float32))
     for a, b in zip((y1, *vjp1(g)), (y0, *vjp0(g))):

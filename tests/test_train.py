@@ -232,8 +232,9 @@ def test_auto_keeps_the_split_on_the_device_when_it_takes_at_most_a_quarter(limi
 # --- mixed precision -------------------------------------------------------------------------------
 
 def matmul_dtypes(precision: str):
-    """The operand and result types of every convolution and matrix product in the lowered train
-    step (forward and backward), and the dtypes of the parameters it returns."""
+    """The operand and result types of every convolution (XLA's or oneDNN's, jaxcell.onednn) and
+    matrix product in the lowered train step (forward and backward), and the dtypes of the
+    parameters it returns."""
     import jaxcell.train as trainer
 
     model = trainer.models.create("lightnetcell", num_classes=4, image_size=16, **TINY)
@@ -242,7 +243,7 @@ def matmul_dtypes(precision: str):
     batch = {"image": np.zeros((4, 16, 16, 3), np.uint8), "label": np.zeros(4, np.int32)}
     step = jax.jit(trainer.make_train_step(trainer.models.spec("lightnetcell").preprocessing, None, precision))
     ops = [line.rsplit(" : ", 1)[1] for line in step.lower(state, batch, jax.random.key(0)).as_text().splitlines()
-           if "stablehlo.convolution" in line or "stablehlo.dot_general" in line]
+           if any(op in line for op in ("stablehlo.convolution", "stablehlo.dot_general", "@jaxcell_onednn_conv"))]
     out = jax.eval_shape(step, state, batch, jax.random.key(0))[0]
     return ops, {a.dtype for a in jax.tree.leaves(out.params) + jax.tree.leaves(out.opt_state)
                  if jnp.issubdtype(a.dtype, jnp.floating)}

@@ -1,8 +1,10 @@
 """Building blocks shared by every model, set up so that each one computes what its
 torch twin computes (see DESIGN.md section 4): explicit symmetric padding, torch's
-BatchNorm semantics, exact GELU; and, on CPU, convolutions, BatchNorm and max-pool gradients in
-forms that XLA:CPU runs fast (the same functions; docs/benchmarks.md)."""
+BatchNorm semantics, exact GELU; and, on CPU, convolutions (oneDNN's, jaxcell.onednn, where it is
+built), BatchNorm and max-pool gradients in forms that XLA:CPU runs fast (the same functions;
+docs/benchmarks.md)."""
 
+import contextlib
 import functools
 from typing import Any
 
@@ -10,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxcell import onednn
 
 
 def conv(features: int, kernel: int = 3, stride: int = 1, dilation: int = 1, groups: int = 1,
@@ -28,6 +32,30 @@ def conv(features: int, kernel: int = 3, stride: int = 1, dilation: int = 1, gro
 # XLA:CPU runs fast. None: whenever JAX's default backend is the CPU (they are not measured on
 # GPUs yet); True / False: always / never.
 XLA_CPU_WORKAROUNDS: bool | None = None
+# With the workarounds on, float32 convolutions go to oneDNN (jaxcell.onednn) where it is built;
+# False keeps XLA's own (Eigen) convolutions. A computation split over several devices must use
+# XLA's (jaxcell.train.compile_steps sees to it): XLA cannot split a custom call, and would run
+# each whole convolution on every device.
+ONEDNN_CONVOLUTIONS: bool = True
+
+
+_KEEP = object()
+
+
+@contextlib.contextmanager
+def cpu_forms(workarounds: Any = _KEEP, onednn: Any = _KEEP):
+    """Trace with XLA_CPU_WORKAROUNDS and ONEDNN_CONVOLUTIONS set as given (the others kept); both
+    are restored after. onednn=True keeps a False: it cannot turn oneDNN on where it was off."""
+    global XLA_CPU_WORKAROUNDS, ONEDNN_CONVOLUTIONS
+    saved = XLA_CPU_WORKAROUNDS, ONEDNN_CONVOLUTIONS
+    if workarounds is not _KEEP:
+        XLA_CPU_WORKAROUNDS = workarounds
+    if onednn is not _KEEP:
+        ONEDNN_CONVOLUTIONS = onednn and saved[1]
+    try:
+        yield
+    finally:
+        XLA_CPU_WORKAROUNDS, ONEDNN_CONVOLUTIONS = saved
 
 
 def _cpu_workarounds() -> bool:
@@ -39,8 +67,9 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """lax.conv_general_dilated; on CPU, a plain NHWC/HWIO convolution goes to `_cpu_conv`, which
-    computes the same values and gradients in forms that XLA:CPU runs fast."""
+    """lax.conv_general_dilated; on CPU, a plain NHWC/HWIO convolution goes to oneDNN (float32, where
+    it is built) or to `_cpu_conv`, which computes the same values and gradients in forms that
+    XLA:CPU runs fast."""
     rhs_dilation = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
     plain = (_cpu_workarounds() and lhs.ndim == 4 and not kwargs and tuple(lhs_dilation or (1, 1)) == (1, 1)
              and not isinstance(padding, str)
@@ -56,6 +85,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                                      1, precision) for x, w in zip(xs, ws)], axis=3)
     if plain:
         padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+        if _onednn_convolutions(lhs, rhs):
+            return onednn.conv(lhs, rhs, tuple(window_strides), padding, rhs_dilation)
         out = [(n + lo + hi - (k - 1) * d - 1) // s + 1
                for n, (lo, hi), k, d, s in zip(lhs.shape[1:3], padding, rhs.shape[:2], rhs_dilation, window_strides)]
         taps = rhs.shape[0] * rhs.shape[1]
@@ -73,6 +104,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                     rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                     feature_group_count=feature_group_count, precision=precision, **kwargs)
+
+
+def _onednn_convolutions(lhs, rhs) -> bool:
+    return ONEDNN_CONVOLUTIONS and lhs.dtype == rhs.dtype == jnp.float32 and onednn.available()
 
 
 def _patches_conv(x, w, strides, padding, dilation, precision):

@@ -1,0 +1,140 @@
+"""oneDNN's convolutions inside XLA:CPU programs, through one FFI handler (onednn_conv.cc).
+
+XLA:CPU computes every convolution with Eigen's tensor contraction. On ResNet18's shapes oneDNN,
+the library PyTorch uses on CPUs, is 1.2x to 2x faster (docs/benchmarks.md, "oneDNN
+convolutions"), and the convolutions are most of a CNN's training step. `conv` is a float32
+NHWC/HWIO convolution whose forward pass, input gradient and weight gradient are each one call
+into oneDNN; `jaxcell.models.layers` routes plain float32 convolutions to it on a single-CPU host.
+
+The handler is compiled on first use, with the machine's C++ compiler, against the installed
+jaxlib's FFI headers and the oneDNN of the `onednn-cpu-gomp` and `onednn-devel-cpu-gomp` wheels
+(a dependency on Linux x86-64), and cached under $JAXCELL_CACHE_DIR or ~/.cache/jaxcell, keyed
+by everything that goes into it. Where something is missing (another OS, no compiler), `available()`
+is False, one warning says why, and XLA's own convolutions are used: same results to rounding.
+JAXCELL_ONEDNN=0 turns it off.
+"""
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TARGET = "jaxcell_onednn_conv"
+SOURCE = Path(__file__).with_name("onednn_conv.cc")
+FORWARD, INPUT_GRADIENT, WEIGHT_GRADIENT = 0, 1, 2  # the handler's "kind"
+
+
+class BuildError(RuntimeError):
+    """The handler could not be built or loaded; the message says what is missing."""
+
+
+def _wheel_file(distribution: str, name: str) -> Path:
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise BuildError(f"the {distribution} package is not installed") from None
+    for f in files:
+        path = Path(os.path.normpath(f.locate()))  # RECORD names files relative to site-packages
+        if path.as_posix().endswith("/" + name):
+            return path
+    raise BuildError(f"{distribution} has no {name}")
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise BuildError("no C++ compiler found (set CXX, or install g++)")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("JAXCELL_CACHE_DIR") or Path.home() / ".cache" / "jaxcell") / "onednn"
+
+
+def build() -> Path:
+    """The compiled handler, built now unless the cache already holds it."""
+    if not sys.platform.startswith("linux"):
+        raise BuildError(f"built on Linux only, not on {sys.platform}")
+    include = _wheel_file("onednn-devel-cpu-gomp", "include/oneapi/dnnl/dnnl.hpp").parents[2]
+    lib = _wheel_file("onednn-cpu-gomp", "lib/libdnnl.so").parent
+    cxx = _compiler()
+    command = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", "-I", jax.ffi.include_dir(), "-I", str(include),
+               str(SOURCE), "-L", str(lib), "-ldnnl", f"-Wl,-rpath,{lib}"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *command, jax.__version__,
+                                    importlib.metadata.version("jaxlib")]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"onednn_conv-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed: processes building at once do not see half a file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        done = subprocess.run([*command, "-o", str(out)], capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise BuildError(f"{Path(cxx).name} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(out, target)
+    return target
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the handler is built, loaded and registered with XLA (once per process)."""
+    if os.environ.get("JAXCELL_ONEDNN", "1") == "0":
+        return False
+    try:
+        path = build()
+        try:
+            handler = ctypes.cdll.LoadLibrary(str(path)).JaxcellOnednnConv
+        except OSError as e:
+            raise BuildError(f"cannot load {path}: {e}") from None
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    except (BuildError, OSError, subprocess.SubprocessError) as e:  # OSError: e.g. an unwritable cache
+        warnings.warn(f"jaxcell: oneDNN convolutions unavailable, XLA's are used instead: {e}", stacklevel=2)
+        return False
+    return True
+
+
+def _call(kind, a, b, out_shape, strides, padding, dilation):
+    ints = lambda v: np.asarray(v, np.int64)  # noqa: E731
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")(
+        a, b, kind=np.int64(kind), strides=ints(strides), dilation=ints(dilation),
+        padding_lo=ints([lo for lo, _ in padding]), padding_hi=ints([hi for _, hi in padding]))
+
+
+def output_shape(x_shape, w_shape, strides, padding, dilation):
+    n, *spatial, _ = x_shape
+    out = [(size + lo + hi - (k - 1) * d - 1) // s + 1
+           for size, (lo, hi), k, d, s in zip(spatial, padding, w_shape[:2], dilation, strides)]
+    return (n, *out, w_shape[3])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv(x: jax.Array, w: jax.Array, strides, padding, dilation) -> jax.Array:
+    """lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation) for float32 NHWC x
+    and HWIO w, one group; padding is ((lo, hi), (lo, hi)). Call only when available()."""
+    return _call(FORWARD, x, w, output_shape(x.shape, w.shape, strides, padding, dilation), strides, padding,
+                 dilation)
+
+
+def _conv_fwd(x, w, strides, padding, dilation):
+    return conv(x, w, strides, padding, dilation), (x, w)
+
+
+def _conv_bwd(strides, padding, dilation, residuals, dy):
+    x, w = residuals
+    return (_call(INPUT_GRADIENT, dy, w, x.shape, strides, padding, dilation),
+            _call(WEIGHT_GRADIENT, x, dy, w.shape, strides, padding, dilation))
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)

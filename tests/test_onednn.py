@@ -1,0 +1,80 @@
+"""jaxcell.onednn: oneDNN's convolutions inside XLA:CPU programs. Their values and gradients are
+checked against lax's in tests/test_bench.py (test_cpu_convolutions_match_lax), and against
+torch's by the parity suites, which run through them; here: that they are built where their
+pieces are, that train steps really call them (and only where they may), and that anything
+missing falls back to XLA's convolutions with a warning that says what."""
+
+import platform
+import shutil
+import subprocess
+
+import jax
+import pytest
+
+from jaxcell import models, onednn, train
+
+CAN_BUILD = platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("g++") is not None
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="oneDNN convolutions are built on Linux x86-64 with g++ only")
+def test_built_where_its_pieces_are_installed():
+    """The wheels are dependencies on this platform: a failure here is a real one (the warning
+    raised as an error names the cause)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert onednn.available.__wrapped__()
+
+
+def _compiled_train_step(devices) -> str:
+    placement = train.Placement.over(devices)
+    model = models.create("lightnetcell", num_classes=4, image_size=32)
+    tx = train.make_optimizer(train.TrainConfig(model="lightnetcell"))
+    state = train.abstract_state(model, tx, 32, placement.replicated)
+    batch = {"image": jax.ShapeDtypeStruct((4, 32, 32, 3), "uint8", sharding=placement.batch),
+             "label": jax.ShapeDtypeStruct((4,), "int32", sharding=placement.batch)}
+    step, _ = train.compile_steps(placement, models.spec("lightnetcell").preprocessing)
+    return step.lower(state, batch, jax.random.key(1)).compile().as_text()
+
+
+def test_one_device_steps_call_onednn_and_split_ones_do_not():
+    """On one CPU device every convolution of a train step (forward and both gradients) is a call
+    into oneDNN; over several devices they stay XLA's, which XLA can split by batch."""
+    if not onednn.available():
+        pytest.skip("oneDNN convolutions are not built here (see the warning)")
+    one = _compiled_train_step(jax.devices()[:1])
+    assert one.count(f'custom_call_target="{onednn.TARGET}"') >= 3 and " convolution(" not in one
+    split = _compiled_train_step(jax.devices()[:2])
+    assert onednn.TARGET not in split and " convolution(" in split
+
+
+def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXCELL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    if not CAN_BUILD:
+        pytest.skip("builds on Linux x86-64 only")
+    with pytest.warns(UserWarning, match="oneDNN convolutions unavailable, XLA's are used instead: false failed"):
+        assert onednn.available.__wrapped__() is False
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-written left behind
+
+
+def test_a_missing_package_is_named():
+    with pytest.raises(onednn.BuildError, match="the no-such-onednn package is not installed"):
+        onednn._wheel_file("no-such-onednn", "lib/libdnnl.so")
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("JAXCELL_ONEDNN", "0")
+    assert onednn.available.__wrapped__() is False
+
+
+def test_a_build_is_reused(monkeypatch):
+    if not onednn.available():
+        pytest.skip("oneDNN convolutions are not built here (see the warning)")
+    first = onednn.build()
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again")
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    assert onednn.build() == first
