@@ -1,8 +1,9 @@
 """The CPU convolution gap, one convolution at a time: forward, input gradient and weight gradient
 under XLA:CPU's defaults (YNNPACK), under jaxcell's CPU options (Eigen: jaxcell.train.
-CPU_COMPILER_OPTIONS) and in PyTorch (oneDNN); plus the weight gradient as an im2col product, and
-the three together as a training step computes them: jaxcell's convolution (`layers.
-conv_general_dilated`, its CPU custom VJP included) against torch's forward and backward.
+CPU_COMPILER_OPTIONS), through jaxcell.onednn (oneDNN inside XLA) and in PyTorch (oneDNN); plus
+the weight gradient as an im2col product, and the three together as a training step computes
+them: jaxcell's convolution (`layers.conv_general_dilated`, with oneDNN where it is built, and
+with XLA's Eigen and its CPU custom VJP) against torch's forward and backward.
 
     .venv/bin/python bench/conv_gap.py [--shapes 32x64x64x128x3x1,...|resnet18-224] [--rounds 7]
 
@@ -31,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from jax import lax  # noqa: E402
 
+from jaxcell import onednn  # noqa: E402
 from jaxcell.models import layers  # noqa: E402
 from jaxcell.train import CPU_COMPILER_OPTIONS  # noqa: E402
 
@@ -78,29 +80,29 @@ def measure(b, h, cin, cout, k, s, rounds, needs_dx=True):
         dx, dw = back(dy)
         return (y, dx, dw) if needs_dx else (y, dw)
 
-    with_layers = layers.XLA_CPU_WORKAROUNDS
-    layers.XLA_CPU_WORKAROUNDS = True
-    try:
-        step = jax.jit(step, compiler_options=CPU_COMPILER_OPTIONS).lower(x, w, dy).compile()
-    finally:
-        layers.XLA_CPU_WORKAROUNDS = with_layers
-    out = step(x, w, dy)
-    for got, want in zip(out, (y, ref_dx, ref_dw) if needs_dx else (y, ref_dw)):
-        err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
-        assert err < 1e-4, ("jaxcell step", err)
-    runs["jaxcell step"] = lambda: jax.block_until_ready(step(x, w, dy))
-    for tag, options in (("xla", None), ("eigen", CPU_COMPILER_OPTIONS)):
+    for name, with_onednn in (("jaxcell step", True), ("jaxcell eigen step", False)):
+        with layers.cpu_forms(workarounds=True, onednn=with_onednn):
+            compiled = jax.jit(step, compiler_options=CPU_COMPILER_OPTIONS).lower(x, w, dy).compile()
+        for got, want in zip(compiled(x, w, dy), (y, ref_dx, ref_dw) if needs_dx else (y, ref_dw)):
+            err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+            assert err < 1e-4, (name, err)
+        runs[name] = lambda compiled=compiled: jax.block_until_ready(compiled(x, w, dy))
+    via_onednn = lambda x, w: onednn.conv(x, w, (s, s), ((p, p), (p, p)), (1, 1))  # noqa: E731
+    for tag, options, conv in (("xla", None, fwd), ("eigen", CPU_COMPILER_OPTIONS, fwd),
+                               ("onednn", CPU_COMPILER_OPTIONS, via_onednn)):
+        if tag == "onednn" and not onednn.available():
+            continue
         jit = lambda f: jax.jit(f, compiler_options=options)  # noqa: E731
-        variants = {"fwd": (jit(fwd), (x, w)),
-                    "dx": (jit(lambda x, w, dy: jax.vjp(fwd, x, w)[1](dy)[0]), (x, w, dy)),
-                    "dw": (jit(lambda x, w, dy: jax.vjp(fwd, x, w)[1](dy)[1]), (x, w, dy))}
+        variants = {"fwd": (jit(conv), (x, w)),
+                    "dx": (jit(lambda x, w, dy, conv=conv: jax.vjp(conv, x, w)[1](dy)[0]), (x, w, dy)),
+                    "dw": (jit(lambda x, w, dy, conv=conv: jax.vjp(conv, x, w)[1](dy)[1]), (x, w, dy))}
         if tag == "xla":
             variants["dw im2col"] = (jit(lambda x, dy: im2col_weight_grad(x, dy, k, s, p)), (x, dy))
         for name, (f, args) in variants.items():
             out = f(*args)
-            if name.startswith("dw"):
-                err = float(jnp.abs(out - ref_dw).max() / jnp.abs(ref_dw).max())
-                assert err < 1e-4, (name, err)  # float32 sums over N*Ho*Wo terms, in other orders
+            want = {"fwd": y, "dx": ref_dx}.get(name, ref_dw)
+            err = float(jnp.abs(out - want).max() / jnp.abs(want).max())
+            assert err < 1e-4, (tag, name, err)  # float32 sums over N*Ho*Wo terms, in other orders
             runs[f"{tag} {name}"] = lambda f=f, args=args: f(*args).block_until_ready()
 
     xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
@@ -133,22 +135,25 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     shapes = PRESETS.get(args.shapes) or [(shape, 1, True) for shape in args.shapes.split(",")]
-    total = {"jaxcell": 0.0, "torch": 0.0}
+    total = {"jaxcell": 0.0, "jaxcell eigen": 0.0, "torch": 0.0}
     for shape, count, needs_dx in shapes:
         b, h, cin, cout, k, s = (int(v) for v in shape.split("x"))
         ms = measure(b, h, cin, cout, k, s, args.rounds, needs_dx)
-        total["jaxcell"] += count * ms["jaxcell step"]
-        total["torch"] += count * ms["torch step"]
+        for key in total:
+            total[key] += count * ms[key + " step"]
+        libraries = [lib for lib in ("xla", "eigen", "onednn", "torch") if f"{lib} fwd" in ms]
         print(f"batch {b}, {h} px, {cin}->{cout}, {k}x{k}/{s} x{count} (load {os.getloadavg()[0]:.1f}), ms: "
-              + "  ".join(f"{op}: xla {ms['xla ' + op]:.1f} eigen {ms['eigen ' + op]:.1f} torch {ms['torch ' + op]:.1f}"
+              + "  ".join(f"{op}: " + " ".join(f"{lib} {ms[f'{lib} {op}']:.1f}" for lib in libraries)
                           for op in ("fwd", "dx", "dw"))
               + f"  dw im2col (xla): {ms['xla dw im2col']:.1f}"
               + f"  step{'' if needs_dx else ' (no dx)'}: "
-              + f"jaxcell {ms['jaxcell step']:.1f} torch {ms['torch step']:.1f}",
+              + f"jaxcell {ms['jaxcell step']:.1f} jaxcell-eigen {ms['jaxcell eigen step']:.1f} "
+              + f"torch {ms['torch step']:.1f}",
               flush=True)
     if len(shapes) > 1:
-        print(f"total over the convolutions, each times its count, ms: jaxcell {total['jaxcell']:.0f}, "
-              f"torch {total['torch']:.0f}, torch / jaxcell {total['torch'] / total['jaxcell']:.2f}")
+        print("total over the convolutions, each times its count, ms: "
+              + ", ".join(f"{key} {ms_:.0f}" for key, ms_ in total.items())
+              + f"; torch / jaxcell {total['torch'] / total['jaxcell']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU table of docs/benchmarks.md: every registered model at 64 px, batch 32, training step
-# and inference, JAX (and its before-the-fixes baseline) against PyTorch eager, interleaved step by
+# and inference, JAX (and its before-the-fixes baseline, and its step with XLA's own convolutions
+# instead of oneDNN's) against PyTorch eager, interleaved step by
 # step in one process per model; torch.compile too for the models in COMPILE (its C++ builds take
 # minutes each on 2 cores). Writes OUTDIR/cpu64_<model>.json and prints the table.
 #
@@ -14,7 +15,7 @@ COMPILE=${COMPILE:-"lightnetcell resnet18"}
 MODELS=${MODELS:-$("$PYTHON" -c "import jaxcell.models as m; print(' '.join(m.names()))")}
 mkdir -p "$OUT"
 for model in $MODELS; do
-  frameworks=jax,jax-baseline,torch
+  frameworks=jax,jax-eigen,jax-baseline,torch
   case " $COMPILE " in *" $model "*) frameworks=$frameworks,torch-compile ;; esac
   echo "== $model ($frameworks), load $(cut -d' ' -f1 /proc/loadavg)"
   "$PYTHON" -m jaxcell.cli bench --model "$model" --image-size "$SIZE" --batch-size "$BATCH" --steps "$STEPS" \

@@ -24,9 +24,10 @@ counts 3x that (forward, and a backward of twice the forward). MFU divides the a
 by the chip's dense peak (PEAK_TFLOPS; none for CPUs). Device counts above 1 are JAX only
 (data parallel over a Mesh, the per-device batch fixed): weak scaling.
 
-Frameworks: "jax", "torch", "torch-compile", and "jax-baseline": jaxcell's step without its CPU
-adaptations (XLA's default compiler options, the max-pool gradient XLA derives itself), for
-before/after comparisons (docs/benchmarks.md); on GPUs it is the same as "jax". A runner that fails (torch.compile without a working C++ compiler, out of
+Frameworks: "jax", "torch", "torch-compile", "jax-baseline": jaxcell's step without its CPU
+adaptations (XLA's default compiler options and convolutions, the max-pool gradient XLA derives
+itself), and "jax-eigen": with them but XLA's own (Eigen) convolutions instead of oneDNN's
+(jaxcell.onednn), for before/after comparisons (docs/benchmarks.md); on GPUs both are the same as "jax". A runner that fails (torch.compile without a working C++ compiler, out of
 memory) is recorded with its error; the others go on.
 
 Input pipeline (run_pipeline, `jaxcell bench --pipeline`): the trainer's step fed by the
@@ -38,7 +39,6 @@ Needs jax, flax, optax, torch and numpy; nothing here imports a data package.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -61,7 +61,7 @@ from jaxcell import _malloc
 # OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-FRAMEWORKS = ("jax", "torch", "torch-compile", "jax-baseline")
+FRAMEWORKS = ("jax", "torch", "torch-compile", "jax-baseline", "jax-eigen")
 MODES = ("train", "infer")
 PRECISIONS = ("fp32", "bf16")
 TRAIN_FLOPS_FACTOR = 3  # forward + backward (input and weight gradients, each about one forward)
@@ -205,8 +205,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     left_out = sorted(set(cfg.devices) - set(counts))
     if left_out:
         log(f"bench: device counts {left_out} left out: {jax.device_count()} JAX device(s) present")
-    with _layer_defaults(True):  # the model's own FLOPs, not those of its XLA:CPU workarounds' forms
-        flops = summarize(cfg.model, cfg.image_size, **cfg.model_kwargs)["flops_per_image"]
+    flops = summarize(cfg.model, cfg.image_size, **cfg.model_kwargs)["flops_per_image"]
     load_before = _load()
 
     runners: list[_Runner] = []
@@ -347,8 +346,7 @@ def run_pipeline(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     if bad:
         raise UserError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
     counts = sorted({d for d in cfg.devices if 1 <= d <= jax.device_count()})
-    with _layer_defaults(True):
-        flops = summarize(cfg.model, cfg.image_size, **cfg.model_kwargs)["flops_per_image"]
+    flops = summarize(cfg.model, cfg.image_size, **cfg.model_kwargs)["flops_per_image"]
     load_before = _load()
     kw = dict(num_classes=4, image_size=cfg.image_size, **cfg.model_kwargs)
     device_name = _short(jax.devices()[0].device_kind)
@@ -483,7 +481,7 @@ class _Setup:
                 holder = [jax.device_put(state, rep)]
                 batch = {"image": images, "label": placement.put_batch(self.labels[:n])}
                 key = jax.random.key(cfg.seed)
-                with _layer_defaults(baseline):  # traced and compiled here, ahead of the first step
+                with _layer_defaults(framework):  # traced and compiled here, ahead of the first step
                     step = step.lower(holder[0], batch, key).compile()
 
                 def one():
@@ -493,7 +491,7 @@ class _Setup:
                 forward = jax.jit(_jax_infer(model, pre, precision), in_shardings=(placement.replicated, placement.batch),
                                   compiler_options=options)
                 holder = [jax.device_put(self.variables, placement.replicated)]
-                with _layer_defaults(baseline):
+                with _layer_defaults(framework):
                     forward = forward.lower(holder[0], images).compile()
 
                 def one():
@@ -561,17 +559,14 @@ class _Setup:
         return build
 
 
-@contextlib.contextmanager
-def _layer_defaults(baseline: bool):
-    """For "jax-baseline": trace without jaxcell.models.layers' XLA:CPU workarounds."""
+def _layer_defaults(framework: str):
+    """Trace "jax-baseline" without jaxcell.models.layers' XLA:CPU workarounds, "jax-eigen" without
+    its oneDNN convolutions."""
     from jaxcell.models import layers
 
-    saved = layers.XLA_CPU_WORKAROUNDS
-    layers.XLA_CPU_WORKAROUNDS = False if baseline else saved
-    try:
-        yield
-    finally:
-        layers.XLA_CPU_WORKAROUNDS = saved
+    if framework == "jax-baseline":
+        return layers.cpu_forms(workarounds=False)
+    return layers.cpu_forms(onednn=framework != "jax-eigen")
 
 
 def _to_numpy(tree):
