@@ -4,14 +4,15 @@ XLA:CPU computes every convolution with Eigen's tensor contraction. On ResNet18'
 the library PyTorch uses on CPUs, is 1.2x to 2x faster (docs/benchmarks.md, "oneDNN
 convolutions"), and the convolutions are most of a CNN's training step. `conv` is a float32
 NHWC/HWIO convolution whose forward pass, input gradient and weight gradient are each one call
-into oneDNN; `jaxcell.models.layers` routes plain float32 convolutions to it on a single-CPU host.
+into oneDNN; `jaxcell.models.layers` routes plain float32 convolutions to it on CPUs, except in
+steps split over several devices.
 
 The handler is compiled on first use, with the machine's C++ compiler, against the installed
 jaxlib's FFI headers and the oneDNN of the `onednn-cpu-gomp` and `onednn-devel-cpu-gomp` wheels
-(a dependency on Linux x86-64), and cached under $JAXCELL_CACHE_DIR or ~/.cache/jaxcell, keyed
-by everything that goes into it. Where something is missing (another OS, no compiler), `available()`
-is False, one warning says why, and XLA's own convolutions are used: same results to rounding.
-JAXCELL_ONEDNN=0 turns it off.
+(a dependency on Linux x86-64), and cached under $JAXCELL_CACHE/onednn or ~/.cache/jaxcell/onednn,
+keyed by everything that goes into it. Where something is missing (another OS, no compiler),
+`available()` is False, one warning says why, and XLA's own convolutions are used: the same
+results to float32 rounding. JAXCELL_ONEDNN=0 turns it off.
 """
 
 import ctypes
@@ -29,6 +30,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxcell import cache_dir
 
 TARGET = "jaxcell_onednn_conv"
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
@@ -58,10 +61,6 @@ def _compiler() -> str:
     raise BuildError("no C++ compiler found (set CXX, or install g++)")
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("JAXCELL_CACHE_DIR") or Path.home() / ".cache" / "jaxcell") / "onednn"
-
-
 def build() -> Path:
     """The compiled handler, built now unless the cache already holds it."""
     if not sys.platform.startswith("linux"):
@@ -73,10 +72,10 @@ def build() -> Path:
                str(SOURCE), "-L", str(lib), "-ldnnl", f"-Wl,-rpath,{lib}"]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *command, jax.__version__,
                                     importlib.metadata.version("jaxlib")]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"onednn_conv-{key}.so"
+    target = cache_dir("onednn") / f"onednn_conv-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)  # an OSError here: available() warns and says why
     # Written under a temporary name and renamed: processes building at once do not see half a file.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name

@@ -11,14 +11,18 @@
 //
 // The maps stay NHWC, as XLA holds them; the kernel goes to whatever layout oneDNN's chosen
 // implementation wants (a reorder of a few MB at most). Primitives are built once per shape and
-// kept. One convolution runs at a time: each already uses every OpenMP thread.
+// kept, each with scratch memory of its own: with the scratchpad oneDNN manages itself, a BRIN
+// step's gemm-based input gradient ran on the first step and failed ("could not execute a
+// primitive") on the second (XLA calls from several threads). One convolution runs at a time:
+// each already uses every OpenMP thread.
 
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <tuple>
-#include <vector>
+#include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -34,8 +38,11 @@ enum Kind : int64_t { kForward = 0, kInputGradient = 1, kWeightGradient = 2 };
 
 struct Plan {
   dnnl::primitive conv;
-  memory::desc weights;  // the kernel (or its gradient) as the primitive holds it
-  bool reorder_weights;  // weights != HWIO
+  memory scratch;               // its scratchpad
+  memory::desc weights;         // the kernel (or its gradient) as the primitive holds it
+  bool reorder_weights;         // weights != HWIO: the kernel is reordered in, or its gradient out
+  dnnl::primitive reorder;
+  memory reorder_scratch;
 };
 
 dnnl::engine& Engine() {
@@ -51,24 +58,37 @@ Plan MakePlan(int64_t kind, const Dims& src, const Dims& wei, const Dims& dst, c
   memory::desc src_md(src, f32, Tag::nhwc), dst_md(dst, f32, Tag::nhwc);
   memory::desc any_wei(wei, f32, Tag::any), hwio(wei, f32, Tag::hwio);
   auto alg = dnnl::algorithm::convolution_direct;
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   dnnl::convolution_forward::primitive_desc fwd(Engine(), dnnl::prop_kind::forward_training, alg, src_md,
-                                                any_wei, dst_md, strides, dilation, pad_lo, pad_hi);
+                                                any_wei, dst_md, strides, dilation, pad_lo, pad_hi, attr);
   Plan plan;
+  memory::desc scratch;
   if (kind == kForward) {
     plan.conv = dnnl::convolution_forward(fwd);
     plan.weights = fwd.weights_desc();
+    scratch = fwd.scratchpad_desc();
   } else if (kind == kInputGradient) {
     dnnl::convolution_backward_data::primitive_desc pd(Engine(), alg, src_md, any_wei, dst_md, strides,
-                                                       dilation, pad_lo, pad_hi, fwd);
+                                                       dilation, pad_lo, pad_hi, fwd, attr);
     plan.conv = dnnl::convolution_backward_data(pd);
     plan.weights = pd.weights_desc();
+    scratch = pd.scratchpad_desc();
   } else {
     dnnl::convolution_backward_weights::primitive_desc pd(Engine(), alg, src_md, any_wei, dst_md, strides,
-                                                          dilation, pad_lo, pad_hi, fwd);
+                                                          dilation, pad_lo, pad_hi, fwd, attr);
     plan.conv = dnnl::convolution_backward_weights(pd);
     plan.weights = pd.diff_weights_desc();
+    scratch = pd.scratchpad_desc();
   }
+  plan.scratch = memory(scratch, Engine());
   plan.reorder_weights = plan.weights != hwio;
+  if (plan.reorder_weights) {
+    auto from = kind == kWeightGradient ? plan.weights : hwio, to = kind == kWeightGradient ? hwio : plan.weights;
+    dnnl::reorder::primitive_desc pd(Engine(), from, Engine(), to, attr);
+    plan.reorder = dnnl::reorder(pd);
+    plan.reorder_scratch = memory(pd.scratchpad_desc(), Engine());
+  }
   return plan;
 }
 
@@ -111,19 +131,20 @@ ffi::Error Convolve(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Resul
     memory dst_mem({dst, f32, Tag::nhwc}, engine, y_data);
     memory hwio_mem({wei, f32, Tag::hwio}, engine, w_data);
     memory wei_mem = plan.reorder_weights ? memory(plan.weights, engine) : hwio_mem;
-    if (plan.reorder_weights && kind != kWeightGradient) {
-      dnnl::reorder(hwio_mem, wei_mem).execute(stream, hwio_mem, wei_mem);
-    }
+    auto reorder = [&](const memory& from, const memory& to) {
+      plan.reorder.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, plan.reorder_scratch}});
+    };
+    if (plan.reorder_weights && kind != kWeightGradient) reorder(hwio_mem, wei_mem);
+    std::unordered_map<int, memory> args{{DNNL_ARG_SCRATCHPAD, plan.scratch}};
     if (kind == kForward) {
-      plan.conv.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, wei_mem}, {DNNL_ARG_DST, dst_mem}});
+      args.insert({{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, wei_mem}, {DNNL_ARG_DST, dst_mem}});
     } else if (kind == kInputGradient) {
-      plan.conv.execute(stream, {{DNNL_ARG_DIFF_SRC, src_mem}, {DNNL_ARG_WEIGHTS, wei_mem},
-                                 {DNNL_ARG_DIFF_DST, dst_mem}});
+      args.insert({{DNNL_ARG_DIFF_SRC, src_mem}, {DNNL_ARG_WEIGHTS, wei_mem}, {DNNL_ARG_DIFF_DST, dst_mem}});
     } else {
-      plan.conv.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_DIFF_WEIGHTS, wei_mem},
-                                 {DNNL_ARG_DIFF_DST, dst_mem}});
-      if (plan.reorder_weights) dnnl::reorder(wei_mem, hwio_mem).execute(stream, wei_mem, hwio_mem);
+      args.insert({{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_DIFF_WEIGHTS, wei_mem}, {DNNL_ARG_DIFF_DST, dst_mem}});
     }
+    plan.conv.execute(stream, args);
+    if (plan.reorder_weights && kind == kWeightGradient) reorder(wei_mem, hwio_mem);
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("jaxcell_onednn_conv: oneDNN: ") + e.what());

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcell import CLASS_NAMES
+from jaxcell import CLASS_NAMES, cache_dir
 from jaxcell.data.images import load_image
 from jaxcell.data.splits import FRACTIONS, SPLITS, content_hashes, file_difference_hashes, split_by_content
 from jaxcell.errors import UserError
@@ -56,7 +56,6 @@ _SKIPPED_EXTENSIONS = frozenset({
 })
 _SKIPPED_NAMES = frozenset({"thumbs.db", "desktop.ini", "readme", "license", "manifest"})
 
-CACHE_ENV = "JAXCELL_CACHE"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,8 +187,7 @@ def _class_images(folder: Path) -> list[Path]:
 
 def default_cache_dir() -> Path:
     """`$JAXCELL_CACHE/tfds` if JAXCELL_CACHE is set, else `~/.cache/jaxcell/tfds`."""
-    base = os.environ.get(CACHE_ENV)
-    return Path(base).expanduser() / "tfds" if base else Path.home() / ".cache" / "jaxcell" / "tfds"
+    return cache_dir("tfds")
 
 
 @dataclass(frozen=True)
