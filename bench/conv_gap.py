@@ -75,14 +75,17 @@ def measure(b, h, cin, cout, k, s, rounds, needs_dx=True):
     def ours(x, w):
         return layers.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=dims)
 
-    def step(x, w, dy):
-        y, back = jax.vjp(ours, x, w)
-        dx, dw = back(dy)
-        return (y, dx, dw) if needs_dx else (y, dw)
+    def make_step():  # a new function for each variant: JAX reuses a function's trace
+        def step(x, w, dy):
+            y, back = jax.vjp(ours, x, w)
+            dx, dw = back(dy)
+            return (y, dx, dw) if needs_dx else (y, dw)
+        return step
 
     for name, with_onednn in (("jaxcell step", True), ("jaxcell eigen step", False)):
         with layers.cpu_forms(workarounds=True, onednn=with_onednn):
-            compiled = jax.jit(step, compiler_options=CPU_COMPILER_OPTIONS).lower(x, w, dy).compile()
+            compiled = jax.jit(make_step(), compiler_options=CPU_COMPILER_OPTIONS).lower(x, w, dy).compile()
+        assert (onednn.TARGET in compiled.as_text()) == (with_onednn and onednn.available()), name
         for got, want in zip(compiled(x, w, dy), (y, ref_dx, ref_dw) if needs_dx else (y, ref_dw)):
             err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
             assert err < 1e-4, (name, err)
