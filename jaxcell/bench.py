@@ -27,8 +27,9 @@ by the chip's dense peak (PEAK_TFLOPS; none for CPUs). Device counts above 1 are
 Frameworks: "jax", "torch", "torch-compile", "jax-baseline": jaxcell's step without its CPU
 adaptations (XLA's default compiler options and convolutions, the max-pool gradient XLA derives
 itself), and "jax-eigen": with them but XLA's own (Eigen) convolutions instead of oneDNN's
-(jaxcell.onednn), for before/after comparisons (docs/benchmarks.md); on GPUs both are the same as "jax". A runner that fails (torch.compile without a working C++ compiler, out of
-memory) is recorded with its error; the others go on.
+(jaxcell.onednn), for before/after comparisons (docs/benchmarks.md); on GPUs both are the same as
+"jax". A runner that fails (torch.compile without a working C++ compiler, out of memory) is
+recorded with its error; the others go on.
 
 Input pipeline (run_pipeline, `jaxcell bench --pipeline`): the trainer's step fed by the
 on-device pipeline and by the host prefetch thread, against the same step on a batch already on

@@ -16,9 +16,9 @@
 // primitive") on the second (XLA calls from several threads). One convolution runs at a time:
 // each already uses every OpenMP thread.
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
-#include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -43,6 +43,7 @@ struct Plan {
   bool reorder_weights;         // weights != HWIO: the kernel is reordered in, or its gradient out
   dnnl::primitive reorder;
   memory reorder_scratch;
+  memory reordered;             // the kernel (or its gradient) in `weights` layout
 };
 
 dnnl::engine& Engine() {
@@ -88,6 +89,7 @@ Plan MakePlan(int64_t kind, const Dims& src, const Dims& wei, const Dims& dst, c
     dnnl::reorder::primitive_desc pd(Engine(), from, Engine(), to, attr);
     plan.reorder = dnnl::reorder(pd);
     plan.reorder_scratch = memory(pd.scratchpad_desc(), Engine());
+    plan.reordered = memory(plan.weights, Engine());
   }
   return plan;
 }
@@ -101,6 +103,11 @@ ffi::Error Convolve(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Resul
       padding_lo.size() != 2 || padding_hi.size() != 2 || a.dimensions().size() != 4 ||
       b.dimensions().size() != 4 || out->dimensions().size() != 4) {
     return ffi::Error::InvalidArgument("jaxcell_onednn_conv: expects 4-D operands and 2-D attributes");
+  }
+  if (out->element_count() == 0) return ffi::Error::Success();
+  if (a.element_count() == 0 || b.element_count() == 0) {  // an empty batch: a zero weight gradient
+    std::fill_n(out->typed_data(), out->element_count(), 0.0f);
+    return ffi::Error::Success();
   }
   // The three tensors in NHWC / HWIO order, whichever of them are operands.
   auto x = kind == kInputGradient ? out->dimensions() : a.dimensions();
@@ -130,9 +137,10 @@ ffi::Error Convolve(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Resul
     memory src_mem({src, f32, Tag::nhwc}, engine, x_data);
     memory dst_mem({dst, f32, Tag::nhwc}, engine, y_data);
     memory hwio_mem({wei, f32, Tag::hwio}, engine, w_data);
-    memory wei_mem = plan.reorder_weights ? memory(plan.weights, engine) : hwio_mem;
+    memory wei_mem = plan.reorder_weights ? plan.reordered : hwio_mem;
     auto reorder = [&](const memory& from, const memory& to) {
-      plan.reorder.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, plan.reorder_scratch}});
+      plan.reorder.execute(stream,
+                           {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, plan.reorder_scratch}});
     };
     if (plan.reorder_weights && kind != kWeightGradient) reorder(hwio_mem, wei_mem);
     std::unordered_map<int, memory> args{{DNNL_ARG_SCRATCHPAD, plan.scratch}};

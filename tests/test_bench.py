@@ -280,3 +280,18 @@ def test_cpu_compiler_options_keep_convolutions_off_ynnpack():
     ours = jax.jit(conv, compiler_options=options).lower(x, w).compile().as_text()
     assert "__ynn_fusion" not in ours and "convolution(" in ours  # (jax 0.10.2's default: a __ynn_fusion)
 
+
+
+@pytest.mark.parametrize("onednn", [False, True], ids=["xla", "onednn"])
+def test_cpu_convolutions_of_an_empty_batch(workarounds, onednn):
+    """No images: an empty output, and a weight gradient of zeros, as lax gives."""
+    if onednn and not jaxcell.onednn.available():
+        pytest.skip("oneDNN convolutions are not built here (see the warning)")
+    workarounds(True, onednn)
+    x, w = jnp.zeros((0, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
+    dims = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    y, back = jax.vjp(lambda x, w: layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                                dimension_numbers=dims), x, w)
+    dx, dw = back(jnp.zeros(y.shape))
+    assert y.shape == (0, 6, 6, 4) and dx.shape == x.shape
+    np.testing.assert_array_equal(dw, np.zeros(w.shape))
