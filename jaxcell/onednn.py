@@ -112,6 +112,7 @@ def _call(kind, a, b, out_shape, strides, padding, dilation):
 
 
 def output_shape(x_shape, w_shape, strides, padding, dilation):
+    """(N, Ho, Wo, Co) of an NHWC x and an HWIO w."""
     n, *spatial, _ = x_shape
     out = [(size + lo + hi - (k - 1) * d - 1) // s + 1
            for size, (lo, hi), k, d, s in zip(spatial, padding, w_shape[:2], dilation, strides)]

@@ -110,3 +110,22 @@ def test_brin_trains_through_onednn_as_through_xla():
         pytest.skip("oneDNN convolutions are not built here (see the warning)")
     ours, xla = _losses("brin", True, preset="small"), _losses("brin", False, preset="small")
     assert ours == pytest.approx(xla, rel=1e-5)
+
+
+def test_negative_padding_stays_with_xla():
+    """oneDNN takes no negative padding (a crop); such a convolution keeps XLA's, and lax's values."""
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+
+    from jaxcell.models import layers
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32))
+    w = jnp.ones((3, 3, 4, 4))
+    dims = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    args = ((1, 1), ((-1, 0), (0, -1)))
+    with layers.cpu_forms(workarounds=True, onednn=True):
+        ours = jax.jit(lambda x, w: layers.conv_general_dilated(x, w, *args, dimension_numbers=dims))
+        assert onednn.TARGET not in ours.lower(x, w).as_text()
+        np.testing.assert_allclose(ours(x, w), lax.conv_general_dilated(x, w, *args, dimension_numbers=dims),
+                                   rtol=1e-6, atol=1e-5)

@@ -85,10 +85,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                                      1, precision) for x, w in zip(xs, ws)], axis=3)
     if plain:
         padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-        if _onednn_convolutions(lhs, rhs):
+        if _onednn_convolutions(lhs, rhs, padding):
             return onednn.conv(lhs, rhs, tuple(window_strides), padding, rhs_dilation)
-        out = [(n + lo + hi - (k - 1) * d - 1) // s + 1
-               for n, (lo, hi), k, d, s in zip(lhs.shape[1:3], padding, rhs.shape[:2], rhs_dilation, window_strides)]
+        out = onednn.output_shape(lhs.shape, rhs.shape, window_strides, padding, rhs_dilation)[1:3]
         taps = rhs.shape[0] * rhs.shape[1]
         # XLA's ConvOperandSwapper swaps the operands of a convolution whose kernel has more taps
         # than its input has pixels (ResNet's last stage at 64 px: 3x3 kernels on 2x2 maps; also
@@ -106,8 +105,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                     feature_group_count=feature_group_count, precision=precision, **kwargs)
 
 
-def _onednn_convolutions(lhs, rhs) -> bool:
-    return ONEDNN_CONVOLUTIONS and lhs.dtype == rhs.dtype == jnp.float32 and onednn.available()
+def _onednn_convolutions(lhs, rhs, padding) -> bool:
+    return (ONEDNN_CONVOLUTIONS and lhs.dtype == rhs.dtype == jnp.float32
+            and min(p for pair in padding for p in pair) >= 0 and onednn.available())
 
 
 def _patches_conv(x, w, strides, padding, dilation, precision):
