@@ -81,7 +81,8 @@ def build() -> Path:
         out = Path(tmp) / target.name
         done = subprocess.run([*command, "-o", str(out)], capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
-            raise BuildError(f"{Path(cxx).name} failed: {done.stderr.strip()[-2000:]}")
+            raise BuildError(f"{Path(cxx).name} failed (exit status {done.returncode}) building {SOURCE.name}: "
+                             + (done.stderr.strip()[-2000:] or "no message"))
         os.replace(out, target)
     return target
 
