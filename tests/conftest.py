@@ -18,3 +18,12 @@ def dev_data() -> str:
     if not os.path.isdir(path):
         pytest.skip(f"real data not found at {path} (set JAXCELL_DEV_DATA)")
     return path
+
+
+@pytest.fixture
+def onednn_built() -> None:
+    """Skips the test where jaxcell.onednn's handler is not built here (its warning says why)."""
+    from jaxcell import onednn
+
+    if not onednn.available():
+        pytest.skip("oneDNN convolutions are not built here (see the warning)")

@@ -1,6 +1,7 @@
 """The benchmark harness (jaxcell.bench, bench/gpu.sh) and the XLA:CPU workarounds it measures
 (jaxcell.models.layers: convolutions and max-pool gradients; jaxcell.train.compiler_options)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -132,15 +133,16 @@ def test_cli_refuses_an_unknown_framework(tmp_path, capsys):
 # --- the XLA:CPU workarounds: the same values and gradients as plain lax -------------------------
 
 @pytest.fixture
-def workarounds():
-    """workarounds(on, onednn=False): XLA's own convolutions unless oneDNN's are asked for
-    (tests/test_onednn.py covers those)."""
-    saved = layers.XLA_CPU_WORKAROUNDS, layers.ONEDNN_CONVOLUTIONS
-
-    def set_(on, onednn=False):
-        layers.XLA_CPU_WORKAROUNDS, layers.ONEDNN_CONVOLUTIONS = on, onednn
-    yield set_
-    layers.XLA_CPU_WORKAROUNDS, layers.ONEDNN_CONVOLUTIONS = saved
+def workarounds(request):
+    """workarounds(on, onednn=False), for the rest of the test: the CPU workarounds on or off, with
+    XLA's own convolutions unless oneDNN's are asked for (the test skips where they are not built;
+    tests/test_onednn.py covers them)."""
+    with contextlib.ExitStack() as stack:
+        def set_(on, onednn=False):
+            if onednn:
+                request.getfixturevalue("onednn_built")
+            stack.enter_context(layers.cpu_forms(workarounds=on, onednn=onednn))
+        yield set_
 
 
 @pytest.mark.parametrize("size,window,stride,padding,ceil", [
@@ -177,8 +179,6 @@ CONVS = [(2, 3, 1, 1, 1, 8, 8, 1), (4, 3, 2, 1, 1, 8, 16, 1), (1, 3, 1, 1, 1, 4,
 @pytest.mark.parametrize("onednn", [False, True], ids=["xla", "onednn"])
 @pytest.mark.parametrize("size,k,stride,pad,dil,cin,cout,groups", CONVS)
 def test_cpu_convolutions_match_lax(workarounds, size, k, stride, pad, dil, cin, cout, groups, onednn):
-    if onednn and not jaxcell.onednn.available():
-        pytest.skip("oneDNN convolutions are not built here (see the warning)")
     workarounds(True, onednn)
     rng = np.random.default_rng(size * k + cout)
     x = jnp.asarray(rng.standard_normal((2, size, size, cin)).astype(np.float32))
@@ -281,12 +281,9 @@ def test_cpu_compiler_options_keep_convolutions_off_ynnpack():
     assert "__ynn_fusion" not in ours and "convolution(" in ours  # (jax 0.10.2's default: a __ynn_fusion)
 
 
-
 @pytest.mark.parametrize("onednn", [False, True], ids=["xla", "onednn"])
 def test_cpu_convolutions_of_an_empty_batch(workarounds, onednn):
     """No images: an empty output, and a weight gradient of zeros, as lax gives."""
-    if onednn and not jaxcell.onednn.available():
-        pytest.skip("oneDNN convolutions are not built here (see the warning)")
     workarounds(True, onednn)
     x, w = jnp.zeros((0, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
     dims = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))

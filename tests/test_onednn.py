@@ -7,11 +7,16 @@ missing falls back to XLA's convolutions with a warning that says what."""
 import platform
 import shutil
 import subprocess
+import warnings
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax import lax
 
 from jaxcell import models, onednn, train
+from jaxcell.models import layers
 
 CAN_BUILD = platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("g++") is not None
 
@@ -20,8 +25,6 @@ CAN_BUILD = platform.system() == "Linux" and platform.machine() == "x86_64" and 
 def test_built_where_its_pieces_are_installed():
     """The wheels are dependencies on this platform: a failure here is a real one (the warning
     raised as an error names the cause)."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert onednn.available.__wrapped__()
@@ -38,11 +41,10 @@ def _compiled_train_step(devices) -> str:
     return step.lower(state, batch, jax.random.key(1)).compile().as_text()
 
 
+@pytest.mark.usefixtures("onednn_built")
 def test_one_device_steps_call_onednn_and_split_ones_do_not():
     """On one CPU device every convolution of a train step (forward and both gradients) is a call
     into oneDNN; over several devices they stay XLA's, which XLA can split by batch."""
-    if not onednn.available():
-        pytest.skip("oneDNN convolutions are not built here (see the warning)")
     one = _compiled_train_step(jax.devices()[:1])
     assert one.count(f'custom_call_target="{onednn.TARGET}"') >= 3 and " convolution(" not in one
     split = _compiled_train_step(jax.devices()[:2])
@@ -70,9 +72,8 @@ def test_turned_off_by_the_environment(monkeypatch):
     assert onednn.available.__wrapped__() is False
 
 
+@pytest.mark.usefixtures("onednn_built")
 def test_a_build_is_reused(monkeypatch):
-    if not onednn.available():
-        pytest.skip("oneDNN convolutions are not built here (see the warning)")
     first = onednn.build()
 
     def no_compiler(*args, **kwargs):
@@ -82,10 +83,6 @@ def test_a_build_is_reused(monkeypatch):
 
 
 def _losses(name: str, onednn_on: bool, steps: int = 3, size: int = 32, **kw) -> list[float]:
-    import numpy as np
-
-    from jaxcell.models import layers
-
     placement = train.Placement.over(jax.devices()[:1])
     model = models.create(name, num_classes=4, image_size=size, **kw)
     tx = train.make_optimizer(train.TrainConfig(model=name))
@@ -102,25 +99,18 @@ def _losses(name: str, onednn_on: bool, steps: int = 3, size: int = 32, **kw) ->
     return losses
 
 
+@pytest.mark.usefixtures("onednn_built")
 def test_brin_trains_through_onednn_as_through_xla():
     """BRIN has every kind of convolution jaxcell uses (strided, dilated, grouped, 1x1, a 3-channel
     stem). Its steps with oneDNN's convolutions give XLA's losses, step after step: a primitive
     that ran once but failed on its second call (oneDNN's own scratchpad; now each has its own)
     failed here at the second step."""
-    if not onednn.available():
-        pytest.skip("oneDNN convolutions are not built here (see the warning)")
     ours, xla = _losses("brin", True, preset="small"), _losses("brin", False, preset="small")
     assert ours == pytest.approx(xla, rel=1e-5)
 
 
 def test_negative_padding_stays_with_xla():
     """oneDNN takes no negative padding (a crop); such a convolution keeps XLA's, and lax's values."""
-    import jax.numpy as jnp
-    import numpy as np
-    from jax import lax
-
-    from jaxcell.models import layers
-
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32))
     w = jnp.ones((3, 3, 4, 4))
     dims = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))

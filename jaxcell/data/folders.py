@@ -57,7 +57,6 @@ _SKIPPED_EXTENSIONS = frozenset({
 _SKIPPED_NAMES = frozenset({"thumbs.db", "desktop.ini", "readme", "license", "manifest"})
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Finding the files
 
