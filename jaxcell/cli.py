@@ -554,11 +554,13 @@ COMMANDS = {"train": cmd_train, "recipes": cmd_recipes, "evaluate": cmd_evaluate
 def main(argv: list[str] | None = None) -> int:
     import logging
 
+    from jaxcell import compilation_cache
     from jaxcell._malloc import keep_freed_memory
 
     # The command owns its process, so it may set the allocator for it (before JAX starts its
     # threads); a program that imports jaxcell as a library decides for itself.
     keep_freed_memory()
+    compilation_cache.enable()
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's and TFDS's info lines drown the report
     try:
         args = parse_args(argv)

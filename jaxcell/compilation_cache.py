@@ -1,0 +1,48 @@
+"""JAX's persistent compilation cache, so that a second `jaxcell evaluate`, `predict` or `serve`
+loads its compiled programs instead of compiling them again (BRIN's alone take half a minute on a
+2-core CPU).
+
+The cache lives under $JAXCELL_CACHE/xla (or ~/.cache/jaxcell/xla), in a folder per machine
+kind: an XLA:CPU program is machine code for the CPU it was compiled on, and a cache on a shared
+home directory must not hand an AVX-512 program to a CPU without it. JAXCELL_COMPILATION_CACHE=0
+turns it off. The `jaxcell` command enables it for its process; a program that imports jaxcell as
+a library decides for itself.
+"""
+
+import hashlib
+import os
+import platform
+import sys
+from pathlib import Path
+
+from jaxcell import cache_dir
+
+MIN_COMPILE_SECONDS = 0.2  # programs that compile faster are not worth a file
+
+
+def _machine_kind() -> str:
+    """The CPU architecture and its feature flags, hashed: what compiled CPU code depends on."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:  # not Linux: the architecture alone
+        pass
+    return hashlib.sha256(f"{platform.machine()}\0{flags}".encode()).hexdigest()[:12]
+
+
+def enable() -> Path | None:
+    """Points JAX's persistent compilation cache at this machine kind's folder; returns it, or None
+    when JAXCELL_COMPILATION_CACHE=0."""
+    if os.environ.get("JAXCELL_COMPILATION_CACHE", "1") == "0":
+        return None
+    path = cache_dir("xla") / _machine_kind()
+    settings = {"jax_compilation_cache_dir": str(path),
+                "jax_persistent_cache_min_compile_time_secs": MIN_COMPILE_SECONDS}
+    if "jax" in sys.modules:
+        for name, value in settings.items():
+            sys.modules["jax"].config.update(name, value)
+    else:  # read by jax when it is imported; a command that never needs jax does not pay for importing it
+        for name, value in settings.items():
+            os.environ[name.upper()] = str(value)
+    return path
