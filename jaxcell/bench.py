@@ -4,7 +4,7 @@ PyTorch eager and torch.compile, in one run on one machine.
     jaxcell bench --model resnet18 --image-size 224 --batch-size 64 --precision bf16 --json out.json
     rows = run(BenchConfig(model="lightnetcell", image_size=64, batch_size=32))["results"]
 
-Both frameworks compute the same function on the same data (DESIGN.md section 6): the torch
+Both frameworks compute the same function on the same data (docs/benchmarks.md, "Method"): the torch
 twin's random weights converted to flax with parity.convert.torch_to_flax, one batch of random
 uint8 images and labels, normalized inside the step by each framework's own code; a training
 step is softmax cross-entropy and Adam (lr 1e-3, optax's defaults = torch's) with BatchNorm in

@@ -251,8 +251,8 @@ def clahe_rgb(images: jax.Array, clip_limit: float = 2.0,
         matched within a few grey levels;
       * no colour conversion: it costs 3 grey CLAHEs and nothing else;
       * none of the choices normalizes stain colour, so none is worth its cost for that:
-        measured on 8 dev images x 3 HED jitters of +-5% (the shift DESIGN.md section 5
-        warns about), the mean-colour gap between an image and its jittered copy is 4.5 grey
+        measured on 8 dev images x 3 HED jitters of +-5% (the stain shift that drops
+        `jaxcell audit`'s colour shortcut from 0.98 to 0.34), the mean-colour gap between an image and its jittered copy is 4.5 grey
         levels without CLAHE and, at clip 2.0 / 8x8, 4.6 per channel, 4.0 with CLAHE on Lab
         L, 6.1 with CLAHE on HSV V (clip 4.0: 5.8, 4.2, 8.3). Stain robustness has to come
         from stain augmentation; CLAHE's job here is local contrast of the morphology.

@@ -1,5 +1,5 @@
 """Building blocks shared by every model, set up so that each one computes what its
-torch twin computes (see DESIGN.md section 4): explicit symmetric padding, torch's
+torch twin computes (docs/parity.md): explicit symmetric padding, torch's
 BatchNorm semantics, exact GELU; and, on CPU, convolutions (oneDNN's, jaxcell.onednn, where it is
 built), BatchNorm and max-pool gradients in forms that XLA:CPU runs fast (the same functions;
 docs/benchmarks.md)."""
