@@ -320,6 +320,12 @@ def cmd_train(args) -> int:
     from jaxcell import data, models
     from jaxcell.train import TrainConfig, is_main_process, train
 
+    import jax
+
+    layout = distributed.check_devices()
+    if jax.process_count() > 1:  # every process's log says what it joined
+        print(f"process {jax.process_index()}: {layout}", flush=True)
+
     model_kwargs = dict(args.model_arg)
     models.create(args.model, image_size=args.image_size, **model_kwargs)  # unknown names fail before any work
     recipe = None

@@ -499,6 +499,40 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
+STOP_POLL_STEPS = 5  # multi-process: how often (in steps) the processes agree on whether to stop
+
+
+class _StopDecision:
+    """Whether to stop after a step, the same answer in every process.
+
+    A scheduler's signal reaches the processes of a job at different steps; a process that
+    stopped alone would wait in the checkpoint's barrier while the others wait in the next
+    step's all-reduce, for ever. So with several processes the flags are all-gathered every
+    STOP_POLL_STEPS steps and at the end of every epoch (steps every process reaches), and all
+    stop at the first of those after any one was signalled. One process stops after the step
+    it is in.
+    """
+
+    def __init__(self, signals: _StopSignals):
+        self.signals = signals
+        self.stopped = False
+        self.signalled: dict[int, int] = {}  # process index -> signal number, once stopped
+
+    def __call__(self, step: int, epoch_end: bool) -> bool:
+        if jax.process_count() == 1:
+            if self.signals.received is not None:
+                self.stopped, self.signalled = True, {0: self.signals.received}
+            return self.stopped
+        if step % STOP_POLL_STEPS and not epoch_end:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = np.asarray(multihost_utils.process_allgather(np.int32(self.signals.received or 0))).reshape(-1)
+        self.signalled = {i: int(f) for i, f in enumerate(flags) if f}
+        self.stopped = bool(self.signalled)
+        return self.stopped
+
+
 def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, resume: bool = False,
           overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
     config.check()
@@ -551,7 +585,8 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
     bar = _progress(total_steps, step, progress and is_main_process())
     try:
         with open_feed() as feed, _StopSignals() as signals:
-            while step < total_steps and signals.received is None:
+            stop = _StopDecision(signals)
+            while step < total_steps and not stop.stopped:
                 epoch, position = divmod(step, steps_per_epoch)
                 sums = np.zeros(2)
                 for i in range(position, steps_per_epoch):
@@ -567,11 +602,11 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
                     sums += (loss, acc)
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", acc=f"{acc:.3f}")
-                    if signals.received is not None:
+                    if stop(step, epoch_end=i + 1 == steps_per_epoch):
                         break
                     if config.checkpoint_every and step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
                         checkpoints.save(step, state)
-                if signals.received is not None and step % steps_per_epoch:
+                if stop.stopped and step % steps_per_epoch:
                     checkpoints.save(step, state, force=True)
                     break
                 seen = steps_per_epoch - position
@@ -584,12 +619,16 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
                 if is_main_process():
                     _write_history(workdir, [entry], append=True)
                     bar.write(_describe(entry, config.epochs))
-            interrupted = signals.received is not None and step < total_steps
+            interrupted = stop.stopped and step < total_steps
     finally:
         bar.close()
         checkpoints.close()
-    if interrupted and is_main_process():
-        log(f"stopped by signal {signals.received} at step {step} of {total_steps}; checkpoint written. "
+    if interrupted and jax.process_count() == 1:
+        log(f"stopped by signal {stop.signalled[0]} at step {step} of {total_steps}; checkpoint written. "
+            f"Continue with the same command and --resume.")
+    elif interrupted:  # every process's log says where it stopped, and why
+        by = ", ".join(f"signal {n} to process {p}" for p, n in sorted(stop.signalled.items()))
+        log(f"process {jax.process_index()}: stopped at step {step} of {total_steps} ({by}); checkpoint written. "
             f"Continue with the same command and --resume.")
     return TrainResult(state, history, time.perf_counter() - start, interrupted)
 
