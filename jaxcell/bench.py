@@ -618,7 +618,7 @@ def _jax_infer(model, preprocessing: dict, precision: str):
     compute = train.COMPUTE_DTYPES[precision]
 
     def infer(variables, images):
-        v = {**variables, "params": train.cast_floats(variables["params"], compute)}
+        v = {**variables, "params": train.compute_params(variables["params"], variables.get("batch_stats", {}), compute)}
         return model.apply(v, train.prepare(images, preprocessing).astype(compute), train=False)
 
     return infer

@@ -188,12 +188,29 @@ def cast_floats(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
+def compute_params(params, batch_stats, dtype):
+    """params cast to the compute dtype, except BatchNorm's scale and bias (the modules that keep
+    batch_stats): they stay float32, as the statistics they are applied with do, and BatchNorm
+    computes in float32 whatever its input's dtype (models.layers.BatchNorm)."""
+    if dtype == jnp.float32:
+        return params
+    norms = {tuple(k.key for k in path[:-1]) for path, _ in jax.tree_util.tree_flatten_with_path(batch_stats)[0]}
+
+    def cast(path, a):
+        if tuple(k.key for k in path[:-1]) in norms or not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        return a.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def make_train_step(preprocessing: dict, augment: dict | None = None, precision: str = "fp32") -> Callable:
     """augment: keyword arguments of jaxcell.data.augment.augment, or None for no augmentation.
 
     precision "bf16": parameters and inputs are cast to bfloat16 for the forward and backward
     pass only, so the float32 master parameters and Adam state take float32 updates; the flax
-    layers then compute in bfloat16, BatchNorm keeps float32 statistics, the loss is float32.
+    layers then compute in bfloat16, BatchNorm keeps float32 statistics, scale and bias
+    (compute_params), the loss is float32.
     """
     compute = COMPUTE_DTYPES[precision]
 
@@ -206,7 +223,8 @@ def make_train_step(preprocessing: dict, augment: dict | None = None, precision:
                             preprocessing)
 
         def loss_fn(params):
-            logits, updates = state.apply_fn({"params": cast_floats(params, compute), "batch_stats": state.batch_stats},
+            logits, updates = state.apply_fn({"params": compute_params(params, state.batch_stats, compute),
+                                              "batch_stats": state.batch_stats},
                                              x.astype(compute), train=True, rngs={"dropout": dropout_rng},
                                              mutable=["batch_stats"])
             logits = logits.astype(jnp.float32)

@@ -259,6 +259,20 @@ def test_bf16_computes_in_bfloat16_and_keeps_float32_parameters(precision, compu
     assert kept == {jnp.dtype(jnp.float32)}  # master weights and Adam's moments
 
 
+def test_bf16_keeps_batch_norm_scale_and_bias_float32():
+    import jaxcell.train as trainer
+
+    model = trainer.models.create("lightnetcell", num_classes=4, image_size=16, **TINY)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False))
+    cast = jax.eval_shape(lambda p, b: trainer.compute_params(p, b, jnp.bfloat16), variables["params"],
+                          variables["batch_stats"])
+    dtypes = {jax.tree_util.keystr(path): a.dtype for path, a in jax.tree_util.tree_flatten_with_path(cast)[0]}
+    norms = {k: d for k, d in dtypes.items() if "['bn']" in k}
+    assert len(norms) == 6 and set(norms.values()) == {jnp.dtype(jnp.float32)}, dtypes  # 3 BatchNorms
+    assert {d for k, d in dtypes.items() if k not in norms} == {jnp.dtype(jnp.bfloat16)}, dtypes
+    assert trainer.compute_params(variables["params"], variables["batch_stats"], jnp.float32) is variables["params"]
+
+
 @pytest.mark.slow
 def test_bf16_trains_to_the_accuracy_of_fp32():
     """LightNetCell (small widths) at 32 px, 10 epochs on 840 synthetic smears, two seeds per
