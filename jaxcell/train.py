@@ -296,9 +296,23 @@ class Placement:
         """Place a global batch (host arrays, the same on every process) split over "data"."""
         if jax.process_count() == 1:
             return jax.device_put(tree, self.batch)
-        share = jax.process_index(), jax.process_count()
-        return jax.tree.map(lambda a: jax.make_array_from_process_local_data(
-            self.batch, np.array_split(a, share[1])[share[0]], a.shape), tree)
+        n = len(jax.tree.leaves(tree)[0])
+        return self.put_local(jax.tree.map(lambda a: a[self.local_rows(n)], tree), n)
+
+    @staticmethod
+    def local_rows(n: int) -> slice:
+        """This process's block of a global batch of n rows (np.array_split's): a process that
+        gathers only these rows (pipeline.HostFeed) reads and copies 1/process_count of the batch."""
+        count, index = jax.process_count(), jax.process_index()
+        size, extra = divmod(n, count)
+        start = index * size + min(index, extra)
+        return slice(start, start + size + (index < extra))
+
+    def put_local(self, tree, n: int):
+        """Place this process's block (local_rows(n)) of a global batch of n rows."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.batch)
+        return jax.tree.map(lambda a: jax.make_array_from_process_local_data(self.batch, a, (n, *a.shape[1:])), tree)
 
 
 def local(x: jax.Array) -> np.ndarray:

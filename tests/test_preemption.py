@@ -1,5 +1,5 @@
-"""SIGTERM to one process of a two-process job (2 processes x 2 CPU devices, gloo): both stop at
-the same step and write one complete checkpoint together, the job exits 0, and --resume ends
+"""SIGTERM to one process of a two-process job (2 processes x 2 CPU devices, gloo, fed by the
+host pipeline): both stop at the same step and write one complete checkpoint together, the job exits 0, and --resume ends
 bit-identical to a job that was never stopped. Before the stop decision was collective this
 job hung: the signalled process waited in the checkpoint's barrier, the other in its next
 step's all-reduce. Every wait here has a timeout, so a hang fails the test."""
@@ -22,7 +22,7 @@ STOP_WITHIN_S = 180  # from the signal to both processes' exit; generous for a l
 
 def job(workdir: str, *extra: str):
     argv = [*ARGS, "--workdir", workdir, "--coordinator-address", f"127.0.0.1:{free_port()}",
-            "--num-processes", "2", *extra]
+            "--num-processes", "2", "--input-pipeline", "host", *extra]  # the prefetch thread, each process its block
     argv[argv.index("--epochs") + 1] = str(EPOCHS)
     return [launch([*argv, "--process-id", str(i)], devices=2) for i in range(2)]
 

@@ -302,3 +302,17 @@ def test_bf16_trains_to_the_accuracy_of_fp32():
     assert min(accuracy.values()) > 0.35, accuracy
     mean = {p: (accuracy[p, 0] + accuracy[p, 1]) / 2 for p in ("fp32", "bf16")}
     assert abs(mean["bf16"] - mean["fp32"]) <= 0.05, accuracy
+
+
+def test_each_process_gathers_only_its_block_of_a_global_batch(monkeypatch):
+    """Placement.local_rows: the blocks of the processes, in order, are the global batch, each
+    np.array_split's (which put_batch used on the whole batch before the host feed gathered only them)."""
+    import jaxcell.train as trainer
+
+    monkeypatch.setattr(trainer.jax, "process_count", lambda: 3)
+    for n in (12, 13, 14):
+        blocks = []
+        for i in range(3):
+            monkeypatch.setattr(trainer.jax, "process_index", lambda i=i: i)
+            blocks.append(np.arange(n)[Placement.local_rows(n)])
+        assert [b.tolist() for b in blocks] == [b.tolist() for b in np.array_split(np.arange(n), 3)]
