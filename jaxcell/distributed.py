@@ -118,7 +118,8 @@ def check_devices() -> str:
         per_process[d.process_index] = per_process.get(d.process_index, 0) + 1
     processes, local = jax.process_count(), jax.local_device_count()
     platform = devices[0].platform
-    line = f"{processes} processes x {local} local devices = {len(devices)} global devices ({platform})"
+    line = (f"{processes} process{'es' if processes > 1 else ''} x {local} local devices = {len(devices)} "
+            f"global devices ({platform})")
     if len(per_process) != processes or len(set(per_process.values())) != 1:
         counts = ", ".join(f"process {p}: {n}" for p, n in sorted(per_process.items()))
         raise UserError(f"the processes see unequal numbers of devices ({counts}); "

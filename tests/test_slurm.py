@@ -59,6 +59,15 @@ def test_layouts_that_cannot_split_the_gpus_are_refused():
         distributed.local_device_ids(slurm(0, tasks_per_node="two"), gpus=2)
 
 
+def test_a_process_that_lost_its_gpus_is_refused(monkeypatch):
+    """Given 8 GPUs by its layout, a process that drives this machine's 4 CPU devices (CUDA failed
+    to load and JAX fell back) stops with an error; with none expected the line is only logged."""
+    assert distributed.check_devices() == "1 process x 4 local devices = 4 global devices (cpu)"
+    monkeypatch.setattr(distributed, "_expected_gpus", [8])
+    with pytest.raises(UserError, match="was given 8 GPUs by the launch layout but drives 4 cpu devices"):
+        distributed.check_devices()
+
+
 PROBE = """
 import jax, jax.numpy as jnp, numpy as np
 from jaxcell import distributed
