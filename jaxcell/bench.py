@@ -618,7 +618,8 @@ def _jax_infer(model, preprocessing: dict, precision: str):
     compute = train.COMPUTE_DTYPES[precision]
 
     def infer(variables, images):
-        v = {**variables, "params": train.compute_params(variables["params"], variables.get("batch_stats", {}), compute)}
+        params = train.compute_params(variables["params"], variables.get("batch_stats", {}), compute)
+        v = {**variables, "params": params}
         return model.apply(v, train.prepare(images, preprocessing).astype(compute), train=False)
 
     return infer

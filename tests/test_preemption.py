@@ -1,8 +1,9 @@
 """SIGTERM to one process of a two-process job (2 processes x 2 CPU devices, gloo, fed by the
-host pipeline): both stop at the same step and write one complete checkpoint together, the job exits 0, and --resume ends
-bit-identical to a job that was never stopped. Before the stop decision was collective this
-job hung: the signalled process waited in the checkpoint's barrier, the other in its next
-step's all-reduce. Every wait here has a timeout, so a hang fails the test."""
+host pipeline): both stop at the same step and write one complete checkpoint together, the job
+exits 0, and --resume ends bit-identical to a job that was never stopped. Before the stop
+decision was collective this job hung: the signalled process waited in the checkpoint's
+barrier, the other in its next step's all-reduce. Every wait here has a timeout, so a hang
+fails the test."""
 
 import os
 import re
@@ -11,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from jaxcell.checkpoint import Checkpoints
 from jaxcell.train import local, read_history, restore_for_inference
@@ -20,11 +22,23 @@ EPOCHS = 3  # 8 steps an epoch: 24 steps
 STOP_WITHIN_S = 180  # from the signal to both processes' exit; generous for a loaded 2-core machine
 
 
-def job(workdir: str, *extra: str):
-    argv = [*ARGS, "--workdir", workdir, "--coordinator-address", f"127.0.0.1:{free_port()}",
-            "--num-processes", "2", "--input-pipeline", "host", *extra]  # the prefetch thread, each process its block
-    argv[argv.index("--epochs") + 1] = str(EPOCHS)
-    return [launch([*argv, "--process-id", str(i)], devices=2) for i in range(2)]
+@pytest.fixture
+def job():
+    """job(workdir, *flags): the two processes of a job; any still running at the end are killed."""
+    launched = []
+
+    def start(workdir: str, *extra: str):
+        argv = [*ARGS, "--workdir", workdir, "--coordinator-address", f"127.0.0.1:{free_port()}",
+                "--num-processes", "2", "--input-pipeline", "host", *extra]  # each process gathers its block
+        argv[argv.index("--epochs") + 1] = str(EPOCHS)
+        launched.extend(workers := [launch([*argv, "--process-id", str(i)], devices=2) for i in range(2)])
+        return workers
+
+    yield start
+    for w in launched:
+        if w.poll() is None:
+            w.kill()
+            w.communicate()
 
 
 def wait(workers, timeout: float) -> list[str]:
@@ -40,7 +54,7 @@ def wait(workers, timeout: float) -> list[str]:
     return outputs
 
 
-def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_is_bit_identical(tmp_path):
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_is_bit_identical(tmp_path, job):
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     reference = job(straight)  # runs beside the stopped job: the machine has time to share
     workers = job(stopped)
@@ -71,8 +85,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_is_bit_identic
 
     # the epoch that was cut has its training averages over the steps after the resume only
     cut = steps[0] // 8
-    histories = [[{k: v for k, v in h.items() if k != "seconds" and not (h["epoch"] == cut + 1 and k.startswith("train"))}
-                  for h in read_history(d)] for d in (straight, stopped)]
+    kept = lambda h, k: k != "seconds" and not (h["epoch"] == cut + 1 and k.startswith("train"))  # noqa: E731
+    histories = [[{k: v for k, v in h.items() if kept(h, k)} for h in read_history(d)] for d in (straight, stopped)]
     assert histories[0] == histories[1] and len(histories[0]) == EPOCHS
     states = [restore_for_inference(d, "last", devices=jax.devices()[:4])[0] for d in (straight, stopped)]
     assert int(local(states[1].step)) == EPOCHS * 8
