@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-# On a CPU-only machine the CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
+# On a CPU-only machine the CPU build of torch (an unpinned torch pulls a multi-GB CUDA build),
+# then jaxcell with the torch side (parity, twins, benchmark), oneDNN's CPU convolutions and the tests.
 TORCH  ?= torch==2.13.0
 WORKDIR ?= runs/demo
 
@@ -15,7 +16,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[torch,cpu,test]"
 	touch $@
 
 # Synthetic smears already draw their stain colours per image from one distribution for every

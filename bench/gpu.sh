@@ -4,20 +4,35 @@
 # pipeline's cost for lightnetcell and resnet18 (jaxcell bench --pipeline), on one GPU, inside
 # a time budget of about 9 minutes (BUDGET_S=540). Needs no network. See docs/benchmarks.md.
 #
-#     bench/gpu.sh OUTDIR            # writes OUTDIR/results.json, OUTDIR/summary.md, OUTDIR/log.txt
-#     QUICK=1 bench/gpu.sh OUTDIR    # or --quick: a tiny model on the CPU in seconds (checks the script)
+#     bench/gpu.sh OUTDIR                        # writes OUTDIR/results.json, summary.md, log.txt, runs/
+#     bench/gpu.sh OUTDIR --quick --allow-cpu    # a tiny model on the CPU in seconds (checks the script)
 #
-# Work runs in order of importance, one process per model and pass: bf16 jax+torch, fp32
-# jax+torch, the bf16 input-pipeline pass (PIPELINE_MODELS, one device), then torch.compile
-# bf16 and fp32. Each process gets the shared deadline; a runner
-# that would start after it is recorded as skipped, a failing one with its error (out of memory,
-# a compiler missing), and the suite goes on. PYTHON picks the interpreter (default: the
-# checkout's .venv if it has jax and torch, else python3); the checkout is put on PYTHONPATH.
+# It refuses to run, naming the problem, unless JAX and torch both compute on a GPU (JAX falls
+# back to the CPU silently); --allow-cpu measures on the CPU anyway.
+#
+# Work runs in order of importance, one process per model and pass: first JAX against
+# torch.compile for resnet18 and resnet50 (bf16, one device); then bf16 jax+torch at the large
+# per-device batch, and for resnet18/resnet50 at 32 (the per-device batch of the README's 8-GPU
+# example); fp32 jax+torch; the bf16 input-pipeline pass (PIPELINE_MODELS, one device); then
+# torch.compile bf16 and fp32 for the other models. Every process's timeout is the time left (a
+# runner that would start after the deadline is recorded as skipped, a failing one with its
+# error), each rewrites its JSON in OUTDIR/runs as every runner finishes, and results.json and
+# summary.md are merged again after each process: a run cut short keeps what it measured.
+# PYTHON picks the interpreter (default: the checkout's .venv if it has jax and torch, else
+# python3); the checkout is put on PYTHONPATH.
 set -u -o pipefail
 
-OUT=${1:?usage: bench/gpu.sh OUTDIR [--quick]}
+OUT=${1:?usage: bench/gpu.sh OUTDIR [--quick] [--allow-cpu]}
+shift
 QUICK=${QUICK:-0}
-[ "${2:-}" = "--quick" ] && QUICK=1
+ALLOW_CPU=${ALLOW_CPU:-0}
+for arg in "$@"; do
+  case "$arg" in
+    --quick) QUICK=1 ;;
+    --allow-cpu) ALLOW_CPU=1 ;;
+    *) echo "bench/gpu.sh: unknown option $arg (use --quick, --allow-cpu)" >&2; exit 2 ;;
+  esac
+done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "${PYTHON:-}" ]; then
   PYTHON=python3
@@ -30,23 +45,41 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch and JAX share the GPU, one a
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 export PYTHONUNBUFFERED=1
 
-mkdir -p "$OUT"
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT/runs"
 LOG=$OUT/log.txt
 : > "$LOG"
+
+GPU_FLAG=(--require-gpu)
+if [ "$ALLOW_CPU" = 1 ]; then
+  GPU_FLAG=()
+else  # fail fast, before any model; every bench process checks again (torch imported first, as there)
+  CHECK='import torch, jax
+from jaxcell.bench import require_gpu
+from jaxcell.errors import UserError
+try:
+    require_gpu(jax.devices()[0].platform, torch.cuda.is_available())
+except UserError as e:
+    raise SystemExit(str(e))'
+  if ! problem=$("$PYTHON" -c "$CHECK" 2>&1); then
+    echo "bench/gpu.sh: not measuring: ${problem##*$'\n'}" | tee -a "$LOG" >&2
+    exit 3
+  fi
+fi
 
 if [ "$QUICK" = 1 ]; then
   MODELS=${MODELS:-lightnetcell}
   SIZE=32; STEPS=2; WARMUP=1; BUDGET=${BUDGET_S:-120}; DEVICES=1,2
   EXTRA=(--model-arg "widths=(8,16,16)" --model-arg hidden=16)
-  PASSES=("fp32,bf16 jax,torch" "fp32 pipeline")
+  # precision, frameworks, models ("-": MODELS), devices ("-": DEVICES), per-device batch ("-": batch_for)
+  PASSES=("fp32,bf16 jax,torch - - -" "fp32 pipeline - 1 -")
   PIPELINE_MODELS=${PIPELINE_MODELS:-lightnetcell}
 else
   MODELS=${MODELS:-$("$PYTHON" -c "import jaxcell.models as m; print(' '.join(m.names()))")}
   SIZE=224; STEPS=${STEPS:-10}; WARMUP=2; BUDGET=${BUDGET_S:-540}; DEVICES=1,2,4,8
   EXTRA=()
-  PASSES=("bf16 jax,torch" "fp32 jax,torch" "bf16 pipeline" "bf16 torch-compile" "fp32 torch-compile")
+  HEAD=${HEAD_MODELS:-resnet18,resnet50}
+  PASSES=("bf16 jax,torch-compile $HEAD 1 -" "bf16 jax,torch - - -" "bf16 jax,torch $HEAD 1 32"
+          "fp32 jax,torch - - -" "bf16 pipeline - 1 -" "bf16 torch-compile - - -" "fp32 torch-compile - - -")
   PIPELINE_MODELS=${PIPELINE_MODELS:-lightnetcell resnet18}
 fi
 DEADLINE=$(( $(date +%s) + BUDGET ))
@@ -59,40 +92,55 @@ batch_for() {  # per-device batch: 256 where the activations fit an 80 GB card c
   esac
 }
 
-for pass in "${PASSES[@]}"; do
-  read -r precision frameworks <<< "$pass"
-  models=$MODELS
-  what=(--frameworks "$frameworks" --devices "$DEVICES")
-  if [ "$frameworks" = pipeline ]; then  # the trainer's step fed by each input pipeline; JAX only
-    models=$PIPELINE_MODELS
-    what=(--pipeline --devices 1)
-  fi
-  for model in $models; do
-    now=$(date +%s)
-    if [ "$now" -ge "$DEADLINE" ]; then
-      echo "skip $model $precision $frameworks: time budget spent" | tee -a "$LOG"
-      continue
-    fi
-    json=$WORK/${model}_${precision//,/-}_${frameworks//,/-}.json
-    echo "== $model $precision $frameworks (batch $(batch_for "$model"), $((DEADLINE - now)) s left)" | tee -a "$LOG"
-    # The harness stops starting runners at the deadline; the timeout ends one that hangs.
-    timeout --kill-after=10 $((DEADLINE - now + 60)) "$PYTHON" -m jaxcell.cli bench --model "$model" \
-      --image-size "$SIZE" --batch-size "$(batch_for "$model")" --precision "$precision" \
-      "${what[@]}" --steps "$STEPS" --warmup "$WARMUP" \
-      --deadline "$DEADLINE" --json "$json" ${EXTRA[@]+"${EXTRA[@]}"} >> "$LOG" 2>&1 \
-      || echo "   exit status $? ($model $precision $frameworks)" | tee -a "$LOG"
-  done
-done
-
-"$PYTHON" - "$OUT" "$WORK" <<'EOF'
-import glob, json, os, sys
+MERGE='import glob, json, os, sys
 from jaxcell import bench
-out, work = sys.argv[1], sys.argv[2]
-reports = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(work, "*.json")))]
+out = sys.argv[1]
+reports = []
+for p in sorted(glob.glob(os.path.join(out, "runs", "*.json"))):
+    try:
+        reports.append(json.load(open(p)))
+    except ValueError:  # a process killed while writing
+        print(f"unreadable (cut short): {p}")
 merged = bench.merge(reports)
 with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(merged, f, indent=2)
 with open(os.path.join(out, "summary.md"), "w") as f:
     f.write(bench.summary_markdown(merged["results"]))
-print(f"{len(merged['results'])} results from {len(reports)} runs -> {out}/results.json, {out}/summary.md")
-EOF
+rows = merged["results"]
+print(f"{len(rows)} results from {len(reports)} runs -> {out}/results.json, {out}/summary.md")'
+
+declare -A MEASURED  # "model precision" pairs whose torch.compile the first pass measured
+for pass in "${PASSES[@]}"; do
+  read -r precision frameworks pass_models pass_devices pass_batch <<< "$pass"
+  models=$MODELS
+  [ "$pass_models" != - ] && models=${pass_models//,/ }
+  [ "$frameworks" = pipeline ] && models=$PIPELINE_MODELS
+  devices=$DEVICES
+  [ "$pass_devices" != - ] && devices=$pass_devices
+  what=(--frameworks "$frameworks" --devices "$devices")
+  [ "$frameworks" = pipeline ] && what=(--pipeline --devices "$devices")  # the trainer's step per input pipeline
+  for model in $models; do
+    if [ "$frameworks" = torch-compile ] && [ -n "${MEASURED[$model $precision]:-}" ]; then
+      continue
+    fi
+    now=$(date +%s)
+    if [ "$now" -ge "$DEADLINE" ]; then
+      echo "skip $model $precision $frameworks: time budget spent" | tee -a "$LOG"
+      continue
+    fi
+    batch=$(batch_for "$model")
+    [ "$pass_batch" != - ] && batch=$pass_batch
+    json=$OUT/runs/${model}_${precision//,/-}_${frameworks//,/-}_b${batch}.json
+    echo "== $model $precision $frameworks (batch $batch per device, $((DEADLINE - now)) s left)" | tee -a "$LOG"
+    # The harness starts no runner after the deadline; the timeout, the time left, ends one that
+    # runs past it (the runners it finished are in its JSON already).
+    timeout --kill-after=10 $((DEADLINE - now)) "$PYTHON" -m jaxcell.cli bench --model "$model" \
+      --image-size "$SIZE" --batch-size "$batch" --precision "$precision" \
+      "${what[@]}" --steps "$STEPS" --warmup "$WARMUP" ${GPU_FLAG[@]+"${GPU_FLAG[@]}"} \
+      --deadline "$DEADLINE" --json "$json" ${EXTRA[@]+"${EXTRA[@]}"} >> "$LOG" 2>&1 \
+      || echo "   exit status $? ($model $precision $frameworks)" | tee -a "$LOG"
+    [ "$frameworks" = "jax,torch-compile" ] && MEASURED[$model $precision]=1
+    "$PYTHON" -c "$MERGE" "$OUT" >> "$LOG" 2>&1
+  done
+done
+"$PYTHON" -c "$MERGE" "$OUT"

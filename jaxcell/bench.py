@@ -103,6 +103,8 @@ class BenchConfig:
     lr: float = 1e-3
     interleave: bool | None = None          # None: on CPU yes, on a GPU no
     deadline: float | None = None           # time.time() after which no runner starts (recorded as skipped)
+    require_gpu: bool = False               # refuse to measure when JAX or torch is not on a GPU
+    partial_json: str | None = None         # rewritten after every runner, so a killed process keeps its results
 
 
 @dataclasses.dataclass
@@ -194,6 +196,8 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         raise UserError("--steps and --batch-size must be positive")
 
     on_gpu = torch.cuda.is_available()
+    if cfg.require_gpu:
+        require_gpu(jax.devices()[0].platform, on_gpu)
     if not on_gpu:
         torch.set_num_threads(_cpu_threads())  # XLA uses every core it is given; so does torch
     else:
@@ -225,7 +229,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     if not interleave:  # torch first: its cached memory is released before JAX's allocator grows
         runners.sort(key=lambda r: (r.precision, r.framework.startswith("jax")))
 
-    _execute(runners, cfg, interleave, log)
+    _execute(runners, cfg, interleave, log, _partial_writer(cfg, runners, flops))
     results = [_row(cfg, r, flops) for r in runners]
     _add_ratios(results)
     env = {
@@ -243,12 +247,37 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     return {"results": results, "environment": env}
 
 
+def require_gpu(jax_platform: str, torch_cuda: bool | None) -> None:
+    """UserError unless both JAX and torch compute on a GPU. JAX falls back to the CPU silently
+    (no CUDA plugin installed, or a cuDNN that torch loaded first and JAX's cannot live beside)."""
+    from jaxcell.errors import UserError
+
+    problems = []
+    if jax_platform != "gpu":
+        problems.append(f"JAX runs on {jax_platform}, not a GPU (is jax[cuda12] installed, and does its cuDNN "
+                        f"load beside torch's?)")
+    if torch_cuda is False:  # None: torch is not measured
+        problems.append("torch sees no CUDA device (a CPU build of torch?)")
+    if problems:
+        raise UserError("; ".join(problems) + "; pass --allow-cpu to measure on the CPU anyway")
+
+
+def _partial_writer(cfg: BenchConfig, runners: list[_Runner], flops: float) -> Callable[[], None]:
+    def write_partial() -> None:
+        if cfg.partial_json:
+            done = [_row(cfg, r, flops) for r in runners if r.times or r.error]
+            write({"results": done, "environment": {"partial": True}}, cfg.partial_json, None)
+    return write_partial
+
+
 def _load() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def _execute(runners: list[_Runner], cfg: BenchConfig, interleave: bool, log: Callable[[str], None]) -> None:
-    """Warm up and time every runner: step by step in turn (interleave), or one after another."""
+def _execute(runners: list[_Runner], cfg: BenchConfig, interleave: bool, log: Callable[[str], None],
+             finished: Callable[[], None] = lambda: None) -> None:
+    """Warm up and time every runner: step by step in turn (interleave), or one after another;
+    finished() after each runner is done (all at once when interleaved)."""
     def expired() -> bool:
         return cfg.deadline is not None and time.time() > cfg.deadline
 
@@ -265,12 +294,14 @@ def _execute(runners: list[_Runner], cfg: BenchConfig, interleave: bool, log: Ca
             for _ in range(cfg.steps):
                 r.time_one()
             r.close()
+            finished()
     if interleave:  # all warm, then one step of each in turn
         for _ in range(cfg.steps):
             for r in started:
                 r.time_one()
         for r in started:
             r.close()
+        finished()
 
 
 def _jax_options_used():
@@ -346,6 +377,8 @@ def run_pipeline(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     bad = [p for p in cfg.precisions if p not in PRECISIONS]
     if bad:
         raise UserError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
+    if cfg.require_gpu:
+        require_gpu(jax.devices()[0].platform, None)
     counts = sorted({d for d in cfg.devices if 1 <= d <= jax.device_count()})
     flops = summarize(cfg.model, cfg.image_size, **cfg.model_kwargs)["flops_per_image"]
     load_before = _load()
@@ -416,7 +449,7 @@ def run_pipeline(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     runners = [_Runner("jax", mode, precision, d, cfg.batch_size * d, builder(feed_mode, precision, d),
                        device_name=device_name)
                for precision in cfg.precisions for d in counts for mode, feed_mode in PIPELINE_MODES.items()]
-    _execute(runners, cfg, interleave=False, log=log)
+    _execute(runners, cfg, interleave=False, log=log, finished=_partial_writer(cfg, runners, flops))
     results = [_row(cfg, r, flops) for r in runners]
     _add_ratios(results)
     for r in results:
@@ -516,12 +549,15 @@ class _Setup:
 
             cfg = self.cfg
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            model = copy.deepcopy(self.torch_model).to(device)
+            # channels_last on GPUs: cuDNN's fast (tensor-core) convolutions take NHWC, as XLA's do
+            layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+            model = copy.deepcopy(self.torch_model).to(device, memory_format=layout)
             net = torch.compile(model) if framework == "torch-compile" else model
             pre = models.spec(cfg.model).preprocessing
             mean = torch.tensor(pre["mean"], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
             std = torch.tensor(pre["std"], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
-            images = torch.from_numpy(self.images[:cfg.batch_size]).to(device).permute(0, 3, 1, 2).contiguous()
+            images = (torch.from_numpy(self.images[:cfg.batch_size]).to(device).permute(0, 3, 1, 2)
+                      .contiguous(memory_format=layout))
             labels = torch.from_numpy(self.labels[:cfg.batch_size]).long().to(device)
             bf16 = self.precision == "bf16"
             sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -582,7 +618,8 @@ def _jax_infer(model, preprocessing: dict, precision: str):
     compute = train.COMPUTE_DTYPES[precision]
 
     def infer(variables, images):
-        v = {**variables, "params": train.cast_floats(variables["params"], compute)}
+        params = train.compute_params(variables["params"], variables.get("batch_stats", {}), compute)
+        v = {**variables, "params": params}
         return model.apply(v, train.prepare(images, preprocessing).astype(compute), train=False)
 
     return infer
@@ -686,7 +723,8 @@ def config_from_args(args) -> BenchConfig:
         model=args.model, image_size=pick("image_size"), batch_size=pick("batch_size"),
         frameworks=tuple(pick("frameworks")), modes=tuple(args.modes), precisions=tuple(args.precision),
         steps=pick("steps"), warmup=pick("warmup"), devices=tuple(args.devices),
-        model_kwargs=dict(args.model_arg), seed=args.seed, deadline=args.deadline)
+        model_kwargs=dict(args.model_arg), seed=args.seed, deadline=args.deadline,
+        require_gpu=getattr(args, "require_gpu", False), partial_json=args.json)
 
 
 def command(args) -> int:

@@ -258,6 +258,8 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     b.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--deadline", type=float, help="Unix time after which no further runner starts")
+    b.add_argument("--require-gpu", action="store_true",
+                   help="refuse to measure unless JAX and torch both compute on a GPU (bench/gpu.sh passes it)")
     b.add_argument("--json", required=True, help="write the results here")
     b.add_argument("--markdown", help="also write the table here")
     return parser
@@ -319,6 +321,12 @@ def cmd_train(args) -> int:
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     from jaxcell import data, models
     from jaxcell.train import TrainConfig, is_main_process, train
+
+    import jax
+
+    layout = distributed.check_devices()
+    if jax.process_count() > 1:  # every process's log says what it joined
+        print(f"process {jax.process_index()}: {layout}", flush=True)
 
     model_kwargs = dict(args.model_arg)
     models.create(args.model, image_size=args.image_size, **model_kwargs)  # unknown names fail before any work

@@ -8,7 +8,8 @@
 "device": the training split is copied to every device once; a step sends only its batch's
 indices and the jitted step gathers the images itself (jaxcell.train.make_gather_step).
 "host": for a split too large for device memory, a background thread gathers the coming batches
-in host memory and sends them ahead (a queue of two), so transfers overlap the computation.
+in host memory and sends them ahead (a queue of two), so transfers overlap the computation;
+each process gathers only its own block of every global batch.
 Both feed the same batches (jaxcell.train.batch_indices) to the same step body, so the
 parameters do not depend on the mode.
 """
@@ -109,7 +110,7 @@ class DeviceFeed(_Feed):
 
 
 class HostFeed(_Feed):
-    """A thread gathers the batches of `steps` from host memory and places them (put_batch), at
+    """A thread gathers the batches of `steps` from host memory and places them (put_local), at
     most PREFETCH ahead; inputs(step) = (batch,). An exception in the thread is raised by the next
     inputs(); close() (or leaving the `with`) stops and joins the thread."""
 
@@ -124,7 +125,8 @@ class HostFeed(_Feed):
             try:
                 for step in steps:
                     idx = indices(step)
-                    batch = placement.put_batch({"image": images[idx], "label": np.asarray(labels[idx], np.int32)})
+                    n, idx = len(idx), idx[placement.local_rows(len(idx))]  # this process's block only
+                    batch = placement.put_local({"image": images[idx], "label": np.asarray(labels[idx], np.int32)}, n)
                     if not self._put((step, batch)):
                         return
             except BaseException as exc:  # noqa: BLE001  (handed to the main thread)

@@ -1,6 +1,6 @@
 """Parameters and forward FLOPs per image of a registered model.
 
-FLOPs come from XLA's own cost analysis of the compiled forward pass at batch 1 (a
+FLOPs come from XLA:CPU's own cost analysis of the compiled forward pass at batch 1 (a
 multiply-add counts as two), so they cover every op the model really runs, not a hand count. The
 pass is traced in its plain form: the CPU workarounds of jaxcell.models.layers would add padding
 zeros, and their oneDNN convolutions are calls that XLA cannot count.
@@ -15,9 +15,13 @@ from jaxcell.models import layers
 
 def summarize(name: str, image_size: int = 224, num_classes: int = 4, **kwargs) -> dict:
     model = models.create(name, num_classes=num_classes, image_size=image_size, **kwargs)
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    # Compiled for the CPU on every machine: XLA:GPU's cost analysis adds its cycle estimates of
+    # elementwise work to "flops", which would inflate MFU; the CPU backend counts the arithmetic.
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32, sharding=cpu)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
     params = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+    variables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), variables)
     forward = jax.jit(lambda v, images: model.apply(v, images, train=False))
     with layers.cpu_forms(workarounds=False):
         cost = forward.lower(variables, x).compile().cost_analysis()

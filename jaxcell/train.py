@@ -188,12 +188,29 @@ def cast_floats(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
+def compute_params(params, batch_stats, dtype):
+    """params cast to the compute dtype, except BatchNorm's scale and bias (the modules that keep
+    batch_stats): they stay float32, as the statistics they are applied with do, and BatchNorm
+    computes in float32 whatever its input's dtype (models.layers.BatchNorm)."""
+    if dtype == jnp.float32:
+        return params
+    norms = {tuple(k.key for k in path[:-1]) for path, _ in jax.tree_util.tree_flatten_with_path(batch_stats)[0]}
+
+    def cast(path, a):
+        if tuple(k.key for k in path[:-1]) in norms or not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        return a.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def make_train_step(preprocessing: dict, augment: dict | None = None, precision: str = "fp32") -> Callable:
     """augment: keyword arguments of jaxcell.data.augment.augment, or None for no augmentation.
 
     precision "bf16": parameters and inputs are cast to bfloat16 for the forward and backward
     pass only, so the float32 master parameters and Adam state take float32 updates; the flax
-    layers then compute in bfloat16, BatchNorm keeps float32 statistics, the loss is float32.
+    layers then compute in bfloat16, BatchNorm keeps float32 statistics, scale and bias
+    (compute_params), the loss is float32.
     """
     compute = COMPUTE_DTYPES[precision]
 
@@ -206,7 +223,8 @@ def make_train_step(preprocessing: dict, augment: dict | None = None, precision:
                             preprocessing)
 
         def loss_fn(params):
-            logits, updates = state.apply_fn({"params": cast_floats(params, compute), "batch_stats": state.batch_stats},
+            logits, updates = state.apply_fn({"params": compute_params(params, state.batch_stats, compute),
+                                              "batch_stats": state.batch_stats},
                                              x.astype(compute), train=True, rngs={"dropout": dropout_rng},
                                              mutable=["batch_stats"])
             logits = logits.astype(jnp.float32)
@@ -278,9 +296,23 @@ class Placement:
         """Place a global batch (host arrays, the same on every process) split over "data"."""
         if jax.process_count() == 1:
             return jax.device_put(tree, self.batch)
-        share = jax.process_index(), jax.process_count()
-        return jax.tree.map(lambda a: jax.make_array_from_process_local_data(
-            self.batch, np.array_split(a, share[1])[share[0]], a.shape), tree)
+        n = len(jax.tree.leaves(tree)[0])
+        return self.put_local(jax.tree.map(lambda a: a[self.local_rows(n)], tree), n)
+
+    @staticmethod
+    def local_rows(n: int) -> slice:
+        """This process's block of a global batch of n rows (np.array_split's): a process that
+        gathers only these rows (pipeline.HostFeed) reads and copies 1/process_count of the batch."""
+        count, index = jax.process_count(), jax.process_index()
+        size, extra = divmod(n, count)
+        start = index * size + min(index, extra)
+        return slice(start, start + size + (index < extra))
+
+    def put_local(self, tree, n: int):
+        """Place this process's block (local_rows(n)) of a global batch of n rows."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.batch)
+        return jax.tree.map(lambda a: jax.make_array_from_process_local_data(self.batch, a, (n, *a.shape[1:])), tree)
 
 
 def local(x: jax.Array) -> np.ndarray:
@@ -499,6 +531,40 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
+STOP_POLL_STEPS = 5  # multi-process: how often (in steps) the processes agree on whether to stop
+
+
+class _StopDecision:
+    """Whether to stop after a step, the same answer in every process.
+
+    A scheduler's signal reaches the processes of a job at different steps; a process that
+    stopped alone would wait in the checkpoint's barrier while the others wait in the next
+    step's all-reduce, for ever. So with several processes the flags are all-gathered every
+    STOP_POLL_STEPS steps and at the end of every epoch (steps every process reaches), and all
+    stop at the first of those after any one was signalled. One process stops after the step
+    it is in.
+    """
+
+    def __init__(self, signals: _StopSignals):
+        self.signals = signals
+        self.stopped = False
+        self.signalled: dict[int, int] = {}  # process index -> signal number, once stopped
+
+    def __call__(self, step: int, epoch_end: bool) -> bool:
+        if jax.process_count() == 1:
+            if self.signals.received is not None:
+                self.stopped, self.signalled = True, {0: self.signals.received}
+            return self.stopped
+        if step % STOP_POLL_STEPS and not epoch_end:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = np.asarray(multihost_utils.process_allgather(np.int32(self.signals.received or 0))).reshape(-1)
+        self.signalled = {i: int(f) for i, f in enumerate(flags) if f}
+        self.stopped = bool(self.signalled)
+        return self.stopped
+
+
 def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, resume: bool = False,
           overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
     config.check()
@@ -551,7 +617,8 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
     bar = _progress(total_steps, step, progress and is_main_process())
     try:
         with open_feed() as feed, _StopSignals() as signals:
-            while step < total_steps and signals.received is None:
+            stop = _StopDecision(signals)
+            while step < total_steps and not stop.stopped:
                 epoch, position = divmod(step, steps_per_epoch)
                 sums = np.zeros(2)
                 for i in range(position, steps_per_epoch):
@@ -567,11 +634,11 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
                     sums += (loss, acc)
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", acc=f"{acc:.3f}")
-                    if signals.received is not None:
+                    if stop(step, epoch_end=i + 1 == steps_per_epoch):
                         break
                     if config.checkpoint_every and step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
                         checkpoints.save(step, state)
-                if signals.received is not None and step % steps_per_epoch:
+                if stop.stopped and step % steps_per_epoch:
                     checkpoints.save(step, state, force=True)
                     break
                 seen = steps_per_epoch - position
@@ -584,12 +651,16 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
                 if is_main_process():
                     _write_history(workdir, [entry], append=True)
                     bar.write(_describe(entry, config.epochs))
-            interrupted = signals.received is not None and step < total_steps
+            interrupted = stop.stopped and step < total_steps
     finally:
         bar.close()
         checkpoints.close()
-    if interrupted and is_main_process():
-        log(f"stopped by signal {signals.received} at step {step} of {total_steps}; checkpoint written. "
+    if interrupted and jax.process_count() == 1:
+        log(f"stopped by signal {stop.signalled[0]} at step {step} of {total_steps}; checkpoint written. "
+            f"Continue with the same command and --resume.")
+    elif interrupted:  # every process's log says where it stopped, and why
+        by = ", ".join(f"signal {n} to process {p}" for p, n in sorted(stop.signalled.items()))
+        log(f"process {jax.process_index()}: stopped at step {step} of {total_steps} ({by}); checkpoint written. "
             f"Continue with the same command and --resume.")
     return TrainResult(state, history, time.perf_counter() - start, interrupted)
 

@@ -17,10 +17,12 @@ from jax import lax
 import jaxcell.onednn
 from jaxcell import bench, train
 from jaxcell.cli import main
+from jaxcell.errors import UserError
 from jaxcell.models import layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"widths": (8, 16, 16), "hidden": 16}
+SCRIPT_ENV = {**os.environ, "PYTHON": sys.executable}  # bench/gpu.sh with this interpreter (jax and torch)
 
 
 # --- the harness ---------------------------------------------------------------------------------
@@ -30,9 +32,12 @@ def test_gpu_script_quick_mode_measures_jax_and_torch(tmp_path):
     hang together, and JAX also runs on 2 of the 4 virtual devices (weak scaling); then the
     input-pipeline pass."""
     out = tmp_path / "out"
-    done = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), str(out), "--quick"],
-                          capture_output=True, text=True, timeout=300)
+    # a budget with room for a machine shared by several jobs: each process's timeout is the time left
+    done = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), str(out), "--quick", "--allow-cpu"],
+                          capture_output=True, text=True, timeout=420, env={**SCRIPT_ENV, "BUDGET_S": "360"})
     assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(os.listdir(out / "runs")) == ["lightnetcell_fp32-bf16_jax-torch_b4.json",
+                                                "lightnetcell_fp32_pipeline_b4.json"]  # kept, one per process
     rows = json.loads((out / "results.json").read_text())["results"]
     assert not [r for r in rows if r["error"]], (out / "log.txt").read_text()
     piped = [r for r in rows if r["mode"].startswith("train-pipeline")]  # the input-pipeline pass
@@ -61,6 +66,23 @@ def test_gpu_script_quick_mode_measures_jax_and_torch(tmp_path):
                 == ("jax", r["precision"], r["mode"], 1)))
     summary = (out / "summary.md").read_text()
     assert summary.count("| lightnetcell |") == len(rows) + len(piped) + 2  # + the pipeline table's two
+
+
+def test_gpu_script_refuses_a_cpu_backend_unless_allowed(tmp_path):
+    """Without a GPU (here) bench/gpu.sh stops before measuring anything and names the problem;
+    the harness itself refuses too when asked to require a GPU (as gpu.sh asks every process)."""
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), str(out), "--quick"],
+                          capture_output=True, text=True, timeout=300, env=SCRIPT_ENV)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "not measuring: JAX runs on cpu, not a GPU" in done.stderr
+    assert "pass --allow-cpu" in done.stderr and os.listdir(out / "runs") == []
+    with pytest.raises(UserError, match="JAX runs on cpu, not a GPU.*torch sees no CUDA device"):
+        bench.run(bench.BenchConfig(model="lightnetcell", image_size=16, batch_size=2, frameworks=("jax",),
+                                    steps=1, warmup=1, model_kwargs=TINY, require_gpu=True))
+    with pytest.raises(UserError, match="JAX runs on cpu"):
+        bench.run_pipeline(bench.BenchConfig(model="lightnetcell", image_size=16, batch_size=2, steps=1,
+                                             warmup=1, model_kwargs=TINY, require_gpu=True))
 
 
 def test_conv_gap_script_checks_and_times_every_variant():

@@ -259,6 +259,20 @@ def test_bf16_computes_in_bfloat16_and_keeps_float32_parameters(precision, compu
     assert kept == {jnp.dtype(jnp.float32)}  # master weights and Adam's moments
 
 
+def test_bf16_keeps_batch_norm_scale_and_bias_float32():
+    import jaxcell.train as trainer
+
+    model = trainer.models.create("lightnetcell", num_classes=4, image_size=16, **TINY)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False))
+    cast = jax.eval_shape(lambda p, b: trainer.compute_params(p, b, jnp.bfloat16), variables["params"],
+                          variables["batch_stats"])
+    dtypes = {jax.tree_util.keystr(path): a.dtype for path, a in jax.tree_util.tree_flatten_with_path(cast)[0]}
+    norms = {k: d for k, d in dtypes.items() if "['bn']" in k}
+    assert len(norms) == 6 and set(norms.values()) == {jnp.dtype(jnp.float32)}, dtypes  # 3 BatchNorms
+    assert {d for k, d in dtypes.items() if k not in norms} == {jnp.dtype(jnp.bfloat16)}, dtypes
+    assert trainer.compute_params(variables["params"], variables["batch_stats"], jnp.float32) is variables["params"]
+
+
 @pytest.mark.slow
 def test_bf16_trains_to_the_accuracy_of_fp32():
     """LightNetCell (small widths) at 32 px, 10 epochs on 840 synthetic smears, two seeds per
@@ -288,3 +302,17 @@ def test_bf16_trains_to_the_accuracy_of_fp32():
     assert min(accuracy.values()) > 0.35, accuracy
     mean = {p: (accuracy[p, 0] + accuracy[p, 1]) / 2 for p in ("fp32", "bf16")}
     assert abs(mean["bf16"] - mean["fp32"]) <= 0.05, accuracy
+
+
+def test_each_process_gathers_only_its_block_of_a_global_batch(monkeypatch):
+    """Placement.local_rows: the blocks of the processes, in order, are the global batch, each
+    np.array_split's (which put_batch used on the whole batch before the host feed gathered only them)."""
+    import jaxcell.train as trainer
+
+    monkeypatch.setattr(trainer.jax, "process_count", lambda: 3)
+    for n in (12, 13, 14):
+        blocks = []
+        for i in range(3):
+            monkeypatch.setattr(trainer.jax, "process_index", lambda i=i: i)
+            blocks.append(np.arange(n)[Placement.local_rows(n)])
+        assert [b.tolist() for b in blocks] == [b.tolist() for b in np.array_split(np.arange(n), 3)]

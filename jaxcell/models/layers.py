@@ -250,7 +250,11 @@ def _batch_norm_train(x, scale, bias, epsilon):
     xf = x.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
     mean = xf.mean(axes)
-    var = jnp.square(xf - mean).mean(axes)  # two-pass: no cancellation
+    # Two-pass: no cancellation. One reduction of (x, x^2) would be one all-reduce under a sharded
+    # batch instead of two dependent ones, but E[x^2] - E[x]^2 cancels: the variance's relative
+    # error went from 1e-7 to 7e-6 at mean/std 5 (65,536 samples per channel), and with 2 samples
+    # per channel autodiff's gradient differed from this VJP's by 5.0 (tests/test_bench.py).
+    var = jnp.square(xf - mean).mean(axes)
     return _normalize(x, mean, var, scale, bias, epsilon), mean, var
 
 
