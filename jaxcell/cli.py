@@ -141,6 +141,9 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     t.add_argument("--backbone-lr-scale", type=float, metavar="S",
                    help="backbone learning rate / head learning rate (default 0.1 with --init-from, else 1)")
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
+    t.add_argument("--log-every", type=positive, default=50, metavar="STEPS",
+                   help="read loss, accuracy and finiteness from the device every STEPS steps and at each "
+                        "epoch's end (default 50); the steps between run without waiting for it")
     t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: bfloat16 compute, float32 parameters, optimizer state and statistics")
     t.add_argument("--input-pipeline", choices=["auto", "device", "host"], default="auto",
@@ -359,7 +362,7 @@ def cmd_train(args) -> int:
         print(f"{args.model} on {dataset.source}: "
               + ", ".join(f"{k} {len(v[1])}" for k, v in dataset.splits.items()))
     result = train(config, dataset, args.workdir, resume=args.resume, overwrite=args.overwrite,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, log_every=args.log_every)
     if result.interrupted or not is_main_process():
         return 0
     last = result.history[-1] if result.history else {}

@@ -531,6 +531,28 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
+LOG_EVERY = 50  # steps between reads of the step metrics (train's log_every)
+
+
+def _no_totals() -> dict:
+    f32, i32 = np.float32(0), np.int32(0)
+    return {"loss": f32, "accuracy": f32, "steps": i32, "first_bad": np.int32(-1), "bad_loss": f32,
+            "bad_grad_norm": f32, "bad_finite": np.bool_(True)}
+
+
+def _accumulate(totals: dict, metrics: dict, step: int) -> dict:
+    """totals after one more step's metrics, on the device; the first step whose loss, gradient
+    norm or parameters were not finite is kept with its figures, for the error message."""
+    bad = ~(metrics["finite"] & jnp.isfinite(metrics["grad_norm"]))
+    first = bad & (totals["first_bad"] < 0)
+    keep = lambda new, old: jnp.where(first, new, old)  # noqa: E731
+    return {"loss": totals["loss"] + metrics["loss"], "accuracy": totals["accuracy"] + metrics["accuracy"],
+            "steps": totals["steps"] + 1, "first_bad": keep(step, totals["first_bad"]),
+            "bad_loss": keep(metrics["loss"], totals["bad_loss"]),
+            "bad_grad_norm": keep(metrics["grad_norm"], totals["bad_grad_norm"]),
+            "bad_finite": keep(metrics["finite"], totals["bad_finite"])}
+
+
 STOP_POLL_STEPS = 5  # multi-process: how often (in steps) the processes agree on whether to stop
 
 
@@ -566,8 +588,15 @@ class _StopDecision:
 
 
 def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, resume: bool = False,
-          overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+          overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = print,
+          log_every: int = LOG_EVERY) -> TrainResult:
+    """log_every: the step metrics (loss, accuracy, finiteness) are summed on the device and read
+    every log_every steps, at each checkpoint and at the end of each epoch: the steps between
+    are dispatched without waiting for the device. A step that was not finite stops the run at
+    the next read (Diverged), before any checkpoint could hold it."""
     config.check()
+    if log_every < 1:
+        raise UserError(f"--log-every must be at least 1, got {log_every}")
     placement = Placement.over(devices)
     if config.batch_size % placement.size:
         raise UserError(f"--batch-size {config.batch_size} is not a multiple of the {placement.size} devices")
@@ -615,35 +644,51 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
         _write_history(workdir, history)  # epochs logged after the restored checkpoint are redone
     start = time.perf_counter()
     bar = _progress(total_steps, step, progress and is_main_process())
+    shown = step  # the steps the progress bar counts
+    accumulate = jax.jit(_accumulate, out_shardings=placement.replicated)
+
+    def read(totals) -> dict:
+        """The step metrics summed on the device, read (the loop waits for the device only here);
+        Diverged where a step was not finite. Before every checkpoint, so none holds such a step."""
+        nonlocal shown
+        got = {k: float(local(v)) for k, v in totals.items()}
+        if got["first_bad"] >= 0:
+            bad = int(got["first_bad"])
+            raise Diverged(f"training diverged at step {bad + 1} (epoch {bad // steps_per_epoch + 1}): loss "
+                           f"{got['bad_loss']}, gradient norm {got['bad_grad_norm']}, parameters finite: "
+                           f"{bool(got['bad_finite'])}; the last good checkpoint is step "
+                           f"{checkpoints.latest_step()} in {checkpoints.directory}; try a lower --lr")
+        bar.update(step - shown)
+        shown = step
+        if got["steps"]:
+            bar.set_postfix(epoch=epoch + 1, loss=f"{got['loss'] / got['steps']:.3f}",
+                            acc=f"{got['accuracy'] / got['steps']:.3f}")
+        return got
+
     try:
         with open_feed() as feed, _StopSignals() as signals:
             stop = _StopDecision(signals)
             while step < total_steps and not stop.stopped:
                 epoch, position = divmod(step, steps_per_epoch)
-                sums = np.zeros(2)
+                totals = jax.device_put(_no_totals(), placement.replicated)
                 for i in range(position, steps_per_epoch):
                     state, metrics = train_step(state, *feed.inputs(step), step_rng(config.seed, step))
-                    loss, acc, grad_norm, finite = (float(local(metrics[k]))
-                                                    for k in ("loss", "accuracy", "grad_norm", "finite"))
-                    if not (finite and np.isfinite(grad_norm)):
-                        raise Diverged(f"training diverged at step {step + 1} (epoch {epoch + 1}): loss {loss}, "
-                                       f"gradient norm {grad_norm}, parameters finite: {bool(finite)}; "
-                                       f"the last good checkpoint is step "
-                                       f"{checkpoints.latest_step()} in {checkpoints.directory}; try a lower --lr")
+                    totals = accumulate(totals, metrics, step)
                     step += 1
-                    sums += (loss, acc)
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", acc=f"{acc:.3f}")
-                    if stop(step, epoch_end=i + 1 == steps_per_epoch):
+                    epoch_end = i + 1 == steps_per_epoch
+                    checkpoint = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+                    if step % log_every == 0 or epoch_end or checkpoint:
+                        read(totals)
+                    if stop(step, epoch_end=epoch_end):
                         break
-                    if config.checkpoint_every and step % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                    if checkpoint and not epoch_end:
                         checkpoints.save(step, state)
+                got = read(totals)
                 if stop.stopped and step % steps_per_epoch:
                     checkpoints.save(step, state, force=True)
                     break
-                seen = steps_per_epoch - position
-                entry = {"epoch": epoch + 1, "step": step, "train_loss": sums[0] / seen,
-                         "train_accuracy": sums[1] / seen,
+                entry = {"epoch": epoch + 1, "step": step, "train_loss": got["loss"] / got["steps"],
+                         "train_accuracy": got["accuracy"] / got["steps"],
                          **_validate(eval_step, state, dataset, config.batch_size, placement),
                          "seconds": round(time.perf_counter() - start, 2)}
                 history.append(entry)
