@@ -135,7 +135,30 @@ def _conv_fwd(x, w, strides, padding, dilation):
 def _conv_bwd(strides, padding, dilation, residuals, dy):
     x, w = residuals
     return (_call(INPUT_GRADIENT, dy, w, x.shape, strides, padding, dilation),
-            _call(WEIGHT_GRADIENT, x, dy, w.shape, strides, padding, dilation))
+            _weight_gradient(x, dy, w.shape, strides, padding, dilation))
+
+
+def _weight_gradient(x, dy, w_shape, strides, padding, dilation):
+    if w_shape[:2] == (1, 1) and tuple(strides) != (1, 1):
+        # oneDNN 3.2's jit_1x1 weight gradient (jit_avx2_1x1_convolution_bwd_weights_t) first
+        # copies a strided input into scratch memory at unit stride ("rtus"). With NHWC maps each
+        # thread's copy is laid out at Ci floats a pixel (space_per_thread_ = is * ic) but placed at
+        # sp * ic_block: with fewer input channels than the SIMD block (Ci < 8 on AVX2) it runs
+        # past its thread's slice, into the next thread's copy (a wrong gradient: 0.3 relative for
+        # 4 -> 8 channels, 8x8 maps, stride 2) or past the end of the scratch memory (heap
+        # corruption with one thread). bench/onednn_strided_1x1.cc shows it without jaxcell. The
+        # AVX-512 kernel's source places its copy the same way (not run here: no AVX-512); oneDNN's
+        # main branch still has both. The weight gradient of a 1x1 convolution only sees the pixels
+        # its stride lands on, so it is computed, exactly, as the unit-stride one of those pixels:
+        # no copy inside oneDNN, one slice here. (The forward pass and input gradient place their
+        # copies correctly.)
+        (lo_h, hi_h), (lo_w, hi_w) = padding
+        if any(p for pair in padding for p in pair):
+            x = jnp.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
+        ho, wo = dy.shape[1:3]
+        x = x[:, :(ho - 1) * strides[0] + 1:strides[0], :(wo - 1) * strides[1] + 1:strides[1], :]
+        strides, padding = (1, 1), ((0, 0), (0, 0))
+    return _call(WEIGHT_GRADIENT, x, dy, w_shape, strides, padding, dilation)
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
