@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcell import data, pipeline
+from jaxcell import data, onednn, pipeline
 from jaxcell.checkpoint import Checkpoints
 from jaxcell.errors import UserError
 from jaxcell.train import Placement, TrainConfig, train
@@ -90,6 +90,7 @@ def test_workdir_holds_config_history_and_last_and_best_checkpoints(smears, tmp_
     assert record["class_names"] == ["Benign", "Early", "Pre", "Pro"]
     assert record["model_kwargs"]["num_classes"] == 4 and record["model_kwargs"]["image_size"] == 16
     assert record["preprocessing"]["image_size"] == 16
+    assert record["convolutions"] == onednn.convolutions()  # one device, fp32
     assert len(result.history) == 3 and all("val_accuracy" in h for h in result.history)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
     steps = checkpoints.manager.all_steps()
