@@ -158,7 +158,10 @@ def verdict() -> dict:
     cached. Where the check itself fails, "error" says how and every convolution goes to XLA.
     One warning names what goes to XLA. Call only when available()."""
     info = library()
-    path = cache_dir("onednn") / f"verdict-{info['build']}-{info['version']}-{info['isa']}.json"
+    # the build (onednn_conv.cc), and the Python that calls it and checks it
+    code = hashlib.sha256("\0".join([info["build"], Path(__file__).read_text(),
+                                     Path(__file__).with_name("onednn_battery.py").read_text()]).encode())
+    path = cache_dir("onednn") / f"verdict-{code.hexdigest()[:16]}-{info['version']}-{info['isa']}.json"
     try:
         found = json.loads(path.read_text())
     except (OSError, ValueError):
