@@ -195,7 +195,10 @@ def _run_battery(info: dict) -> dict:
     if done.returncode != 0:
         return {**info, "error": f"exit status {done.returncode}: {done.stderr.strip()[-1000:] or 'no message'}",
                 "cases": []}
-    found = json.loads(done.stdout)
+    try:
+        found = json.loads(done.stdout)
+    except ValueError:
+        return {**info, "error": f"it printed no verdict: {done.stdout[-300:]!r}", "cases": []}
     if (found["version"], found["isa"]) != (info["version"], info["isa"]):
         return {**info, "error": f"the check ran oneDNN {found['version']} ({found['isa']})", "cases": []}
     return found
