@@ -53,6 +53,7 @@ BATTERY = [
     Case(2, 8, 1, 1, 0, 1, 64, 32),     # 1x1 (ResNet50's bottleneck)
     Case(2, 8, 1, 2, 0, 1, 4, 8),       # 1x1 stride 2, fewer channels than a block: oneDNN 3.2's bug
     Case(2, 8, 1, 2, 0, 1, 12, 24),     # ... a block and a tail
+    Case(2, 8, 1, 2, 0, 1, 16, 32),     # ... the narrowest left to oneDNN's copy (onednn._weight_gradient)
     Case(2, 8, 1, 2, 0, 1, 64, 128),    # ... whole blocks (ResNet's downsampling)
     Case(1, 8, 1, 2, 0, 1, 8, 16),      # ... batch 1
     Case(2, 9, 1, 3, 0, 1, 6, 10),      # 1x1 stride 3
