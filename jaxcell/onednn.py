@@ -268,7 +268,7 @@ def _weight_gradient(x, dy, w_shape, strides, padding, dilation):
         # 4 -> 8 channels, 8x8 maps, stride 2) or past the end of the scratch memory (heap
         # corruption with one thread). bench/onednn_strided_1x1.cc shows it without jaxcell. The
         # AVX-512 kernel's source places its copy the same way (Ci < 16 there; not run here: no
-        # AVX-512); oneDNN's main branch still has both.
+        # AVX-512); oneDNN's main branch (March 2025) still has both.
         # The weight gradient of a 1x1 convolution only sees the pixels its stride lands on, so
         # for Ci < 16 it is computed, exactly, as the unit-stride one of those pixels: no copy
         # inside oneDNN, one slice here. Not for wider inputs, where oneDNN's copy fits and is
