@@ -182,7 +182,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     import jax
     import torch
 
-    from jaxcell import models
+    from jaxcell import models, onednn
     from jaxcell.errors import UserError
     from jaxcell.summary import summarize
 
@@ -238,6 +238,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "torch_threads": torch.get_num_threads(), "interleaved": interleave,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "xla_compiler_options": _jax_options_used(),
+        "convolutions": onednn.convolutions(),  # the "jax" rows on one device at fp32; "jax-eigen" and splits: XLA
         # jaxcell's glibc settings (jaxcell._malloc) are process-wide: torch in this process has them too
         "malloc_keeps_freed_memory": _malloc.applied,
         "load_average_before": load_before,

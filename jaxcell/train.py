@@ -28,7 +28,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxcell import models, pipeline
+from jaxcell import models, onednn, pipeline
 from jaxcell.checkpoint import Checkpoints
 from jaxcell.data import Dataset
 from jaxcell.data.augment import augment as augment_images
@@ -432,7 +432,7 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Workdir: config.json (everything evaluate/predict need), metrics.jsonl, checkpoints/.
 
-def write_config(workdir: str, config: TrainConfig, dataset: Dataset) -> dict:
+def write_config(workdir: str, config: TrainConfig, dataset: Dataset, devices: int = 1) -> dict:
     record = {
         "model": config.model,
         "model_kwargs": {"num_classes": len(dataset.class_names), "image_size": config.image_size,
@@ -443,6 +443,7 @@ def write_config(workdir: str, config: TrainConfig, dataset: Dataset) -> dict:
                  "sizes": {k: int(len(v[1])) for k, v in dataset.splits.items()}},
         "train": config.to_dict(),
         "hardware": hardware(),
+        "convolutions": onednn.convolutions(devices, config.precision),
     }
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         json.dump(record, f, indent=2)
@@ -608,7 +609,7 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
     if is_main_process():  # one writer; Orbax coordinates the checkpoint writes of all processes itself
         prepare_workdir(workdir, config, resume, overwrite)
         if not resume:
-            write_config(workdir, config, dataset)
+            write_config(workdir, config, dataset, placement.size)
     sync_processes("workdir ready")
     record = read_config(workdir)
 

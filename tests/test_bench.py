@@ -118,8 +118,10 @@ def test_a_failing_runner_is_recorded_and_the_others_go_on(monkeypatch):
 def test_a_spent_time_budget_skips_runners():
     cfg = bench.BenchConfig(model="lightnetcell", image_size=16, batch_size=2, frameworks=("jax",), modes=("infer",),
                             steps=1, model_kwargs=TINY, deadline=0.0)
-    (row,) = bench.run(cfg, log=lambda m: None)["results"]
+    report = bench.run(cfg, log=lambda m: None)
+    (row,) = report["results"]
     assert row["error"] == "skipped: time budget spent" and row["images_per_s"] is None
+    assert report["environment"]["convolutions"] == jaxcell.onednn.convolutions()  # what the "jax" rows use
 
 
 def test_peak_table():

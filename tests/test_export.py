@@ -80,6 +80,7 @@ def test_export_loads_strictly_in_torch_and_imports_back_to_the_same_bits(workdi
     for key in ("model", "model_kwargs", "class_names", "preprocessing"):
         assert meta[key] == record[key]
     assert meta["jaxcell_version"] and meta["preprocessing"]["image_size"] == SIZE
+    assert meta["source"]["convolutions"] == record["convolutions"]  # what trained the weights
 
     sd = read_state_dict(out)
     model = torch_ref.create("lightnetcell", num_classes=4, image_size=SIZE, **TINY)

@@ -1,12 +1,17 @@
 """jaxcell.onednn: oneDNN's convolutions inside XLA:CPU programs. Their values and gradients are
-checked against lax's in tests/test_bench.py (test_cpu_convolutions_match_lax), and against
-torch's by the parity suites, which run through them; here: that they are built where their
-pieces are, that train steps really call them (and only where they may), and that anything
-missing falls back to XLA's convolutions with a warning that says what."""
+checked against lax's in tests/test_bench.py (test_cpu_convolutions_match_lax), against torch's
+by the parity suites, which run through them, and here by the battery (jaxcell.onednn_battery)
+at every ISA this CPU has; also here: that they are built where their pieces are, that train
+steps really call them (and only where they may), that a kind of convolution the battery finds
+wrong goes to XLA with a warning, and that anything missing falls back to XLA's convolutions
+with a warning that says what."""
 
+import json
+import os
 import platform
 import shutil
 import subprocess
+import sys
 import warnings
 
 import jax
@@ -15,9 +20,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxcell import models, onednn, train
+from jaxcell import models, onednn, onednn_battery, train
 from jaxcell.models import layers
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAN_BUILD = platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("g++") is not None
 
 
@@ -120,3 +126,106 @@ def test_negative_padding_stays_with_xla():
         assert onednn.TARGET not in ours.lower(x, w).as_text()
         np.testing.assert_allclose(ours(x, w), lax.conv_general_dilated(x, w, *args, dimension_numbers=dims),
                                    rtol=1e-6, atol=1e-5)
+
+
+# --- the battery at each ISA, and the guard built on it ------------------------------------------
+
+# ONEDNN_MAX_CPU_ISA's values, and the /proc/cpuinfo flags oneDNN needs for each
+ISA_CAPS = {"SSE41": {"sse4_1"}, "AVX2": {"avx", "avx2", "fma"},
+            "AVX512_CORE": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.usefixtures("onednn_built")
+@pytest.mark.parametrize("cap", ISA_CAPS)
+def test_the_battery_agrees_with_xla_at_each_isa(cap):
+    """Every battery case (forward, input gradient, weight gradient) within the float32 bound of
+    lax's, with oneDNN capped at each ISA this CPU has: a CI on a new CPU still covers an older
+    one. oneDNN reads the cap once per process, so one child process per ISA runs the whole
+    battery. Without jaxcell.onednn._weight_gradient's fix, AVX2 fails here: oneDNN 3.2's strided
+    1x1 weight gradient, 0.72 relative."""
+    missing = ISA_CAPS[cap] - _cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}, so oneDNN cannot use {cap} here")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cap,
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "jaxcell.onednn_battery"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout)
+    assert found["isa"] == cap.lower() and len(found["cases"]) == len(onednn_battery.BATTERY)
+    assert [(c["case"], c["errors"]) for c in found["cases"] if not c["agrees"]] == []
+
+
+@pytest.fixture
+def fresh_verdict():
+    onednn.verdict.cache_clear()
+    yield
+    onednn.verdict.cache_clear()
+
+
+@pytest.mark.usefixtures("onednn_built", "fresh_verdict")
+def test_the_guard_passes_this_build():
+    """The verdict every model's routing reads (cached, or run now in a child process): this
+    build agrees with XLA at this process's ISA, and says which version and ISA it checked."""
+    found = onednn.verdict()
+    assert not found.get("error") and all(case["agrees"] for case in found["cases"]), found
+    assert (found["version"], found["isa"]) == (onednn.library()["version"], onednn.library()["isa"])
+    assert onednn.convolutions() == {"backend": "onednn", **{k: found[k] for k in ("version", "isa")},
+                                     "routed_to_xla": []}
+
+
+@pytest.mark.usefixtures("onednn_built", "fresh_verdict")
+def test_a_kind_that_disagrees_goes_to_xla_with_a_warning(monkeypatch, tmp_path):
+    """A kernel wrong as oneDNN 3.2's was (here made 1% off: strided 1x1 weight gradients): the
+    battery finds it, one warning names each wrong case and what was off, convolutions of those
+    kinds trace to XLA's while the others stay with oneDNN, the run's record says so, and the
+    verdict is read back from the cache by the next process."""
+    monkeypatch.setenv("JAXCELL_CACHE", str(tmp_path))
+    right = onednn._weight_gradient
+
+    def wrong(x, dy, w_shape, strides, *args):
+        dw = right(x, dy, w_shape, strides, *args)
+        return dw * 1.01 if w_shape[:2] == (1, 1) and tuple(strides) != (1, 1) else dw
+    monkeypatch.setattr(onednn, "_weight_gradient", wrong)
+    monkeypatch.setattr(onednn, "_run_battery", lambda info: onednn_battery.run())  # in this process: sees `wrong`
+    strided_1x1 = [c for c in onednn_battery.BATTERY if c.kernel == 1 and c.stride > 1]
+    with pytest.warns(UserWarning) as said:
+        found = onednn.verdict()
+    messages = [str(w.message) for w in said if "disagrees with XLA" in str(w.message)]
+    assert len(messages) == len(strided_1x1)
+    assert any("on a 1x1 stride 2 padding 0 dilation 1, 4 -> 8 channels, 8x8 maps, batch 2 convolution "
+               "(weight gradient 0.01 relative)" in m for m in messages), messages
+    assert sorted(c["case"] for c in found["cases"] if not c["agrees"]) == sorted(c.describe() for c in strided_1x1)
+
+    x, w1, w3 = jnp.ones((2, 8, 8, 4)), jnp.ones((1, 1, 4, 8)), jnp.ones((3, 3, 4, 8))
+
+    def traced(w, stride):
+        dims = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+        with layers.cpu_forms(workarounds=True, onednn=True):
+            return str(jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
+                x, w, (stride, stride), ((0, 0), (0, 0)), dimension_numbers=dims))(x, w))
+    assert onednn.TARGET not in traced(w1, 2) and onednn.TARGET in traced(w1, 1) and onednn.TARGET in traced(w3, 2)
+    with layers.cpu_forms(workarounds=True, onednn=True):
+        routed = onednn.convolutions()["routed_to_xla"]
+    assert "1x1, strided, undilated, in <8, out 8k, map >= kernel" in routed and len(routed) <= len(strided_1x1)
+
+    onednn.verdict.cache_clear()
+    monkeypatch.setattr(onednn, "_run_battery", lambda info: pytest.fail("checked again: the verdict was not cached"))
+    with pytest.warns(UserWarning, match="disagrees with XLA"):
+        assert onednn.verdict() == found
+
+
+def test_the_record_says_xla_where_onednn_does_not_run():
+    """Split steps, bfloat16 and oneDNN turned off trace XLA's convolutions; so the record says."""
+    assert onednn.convolutions(devices=2) == {"backend": "xla"}
+    assert onednn.convolutions(precision="bf16") == {"backend": "xla"}
+    with layers.cpu_forms(onednn=False):
+        assert onednn.convolutions() == {"backend": "xla"}

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcell import data, pipeline
+from jaxcell import data, onednn, pipeline
 from jaxcell.checkpoint import Checkpoints
 from jaxcell.errors import UserError
 from jaxcell.train import Placement, TrainConfig, train
@@ -47,6 +47,8 @@ def test_one_device_and_four_devices_train_alike(smears, tmp_path):
                 for a, b in zip(leaves(one.state), leaves(four.state)) if a.dtype.kind == "f")
     assert worst < 1e-5, worst
     assert one.history[-1]["val_accuracy"] == pytest.approx(four.history[-1]["val_accuracy"])
+    recorded = {n: json.load(open(tmp_path / n / "config.json"))["convolutions"] for n in ("one", "four")}
+    assert recorded == {"one": onednn.convolutions(1), "four": {"backend": "xla"}}
 
 
 def test_extending_a_run_with_resume_continues_bit_identically(smears, tmp_path):
@@ -90,6 +92,7 @@ def test_workdir_holds_config_history_and_last_and_best_checkpoints(smears, tmp_
     assert record["class_names"] == ["Benign", "Early", "Pre", "Pro"]
     assert record["model_kwargs"]["num_classes"] == 4 and record["model_kwargs"]["image_size"] == 16
     assert record["preprocessing"]["image_size"] == 16
+    assert record["convolutions"] == {"backend": "xla"}  # split over the 4 virtual devices: XLA's
     assert len(result.history) == 3 and all("val_accuracy" in h for h in result.history)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
     steps = checkpoints.manager.all_steps()

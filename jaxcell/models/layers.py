@@ -85,7 +85,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                                      1, precision) for x, w in zip(xs, ws)], axis=3)
     if plain:
         padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-        if _onednn_convolutions(lhs, rhs, padding):
+        if _onednn_convolutions(lhs, rhs, window_strides, padding, rhs_dilation):
             return onednn.conv(lhs, rhs, tuple(window_strides), padding, rhs_dilation)
         out = onednn.output_shape(lhs.shape, rhs.shape, window_strides, padding, rhs_dilation)[1:3]
         taps = rhs.shape[0] * rhs.shape[1]
@@ -105,9 +105,16 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                     feature_group_count=feature_group_count, precision=precision, **kwargs)
 
 
-def _onednn_convolutions(lhs, rhs, padding) -> bool:
+def onednn_convolutions_on() -> bool:
+    """Whether plain float32 convolutions traced now go to oneDNN, where it is built."""
+    return _cpu_workarounds() and ONEDNN_CONVOLUTIONS
+
+
+def _onednn_convolutions(lhs, rhs, strides, padding, dilation) -> bool:
+    # onednn.verified: the geometry's kind passed the check against XLA on this machine
     return (ONEDNN_CONVOLUTIONS and lhs.dtype == rhs.dtype == jnp.float32
-            and min(p for pair in padding for p in pair) >= 0 and onednn.available())
+            and min(p for pair in padding for p in pair) >= 0 and onednn.available()
+            and onednn.verified(lhs.shape, rhs.shape, strides, dilation))
 
 
 def _patches_conv(x, w, strides, padding, dilation, precision):
