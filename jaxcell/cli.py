@@ -6,6 +6,8 @@
     jaxcell evaluate  --workdir DIR [--workdir DIR ...] [--data DIR] [--split test] [--tta]
                       [--stain-shift S] [--fit-temperature] [--out report.json]
     jaxcell predict   --workdir DIR [--cam OUTDIR] IMAGE...
+    jaxcell serve     --workdir DIR | --weights FILE [--host 127.0.0.1] [--port 8000] [--token T]
+                      [--max-upload-mb 20]
     jaxcell report    --workdir DIR --out report.html [--data DIR] [--split test]
     jaxcell audit     --data DIR [--json FILE]
     jaxcell table     --workdir DIR [--workdir DIR ...] [--split val] [--shift 0.03] [--markdown FILE]
@@ -206,6 +208,25 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     p.add_argument("--cam", metavar="OUTDIR", help="also write a Grad-CAM overlay PNG per image here")
     p.add_argument("--cam-layer", help="the layer for --cam (flax or torch module path); default per model")
     p.add_argument("images", nargs="+", metavar="IMAGE")
+
+    v = sub.add_parser("serve", help="serve a trained model over HTTP: a page, /predict, /model, /health")
+    source = v.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a trained workdir")
+    source.add_argument("--weights", metavar="FILE", help="an exported .safetensors (or .pt) with its sidecar FILE.json")
+    v.add_argument("--checkpoint", default="best", help="with --workdir: best, last or a step number")
+    v.add_argument("--host", default="127.0.0.1", help="any address but loopback needs --token")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every request but /health "
+                                   "(default: $JAXCELL_TOKEN)")
+    v.add_argument("--max-upload-mb", type=float, default=20, metavar="MB", help="the largest image file accepted")
+    v.add_argument("--max-megapixels", type=float, default=50, metavar="MP",
+                   help="the largest image accepted, read from its header before decoding")
+    v.add_argument("--batch-size", type=positive, default=16, help="the compiled batch: concurrent requests share it")
+    v.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
+                   help="how long a batch waits for more requests before it runs")
+    v.add_argument("--cam-layer", help="the Grad-CAM layer (flax or torch module path); default per model")
+    v.add_argument("--no-compile-cache", action="store_true",
+                   help="do not keep the compiled program in JAX's persistent cache (~/.cache/jaxcell/xla)")
 
     q = sub.add_parser("parity", help="layer-by-layer comparison of the JAX model with its torch twin")
     q.add_argument("--model", required=True)
@@ -487,6 +508,12 @@ def _write_cams(args, state, record, images) -> list[str]:
     return paths
 
 
+def cmd_serve(args) -> int:
+    from jaxcell import serve
+
+    return serve.command(args)
+
+
 def cmd_parity(args) -> int:
     from jaxcell import models
     from parity.compare import main as parity_main
@@ -547,7 +574,7 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"train": cmd_train, "recipes": cmd_recipes, "evaluate": cmd_evaluate, "report": cmd_report,
             "audit": cmd_audit, "table": cmd_table,
-            "predict": cmd_predict, "parity": cmd_parity, "export": cmd_export, "import": cmd_import,
+            "predict": cmd_predict, "serve": cmd_serve, "parity": cmd_parity, "export": cmd_export, "import": cmd_import,
             "summary": cmd_summary, "bench": cmd_bench}
 
 

@@ -1,0 +1,148 @@
+"""A trained model ready to answer: what `jaxcell predict` and `jaxcell serve` share.
+
+    predictor = Predictor.load("runs/a")                  # a workdir (best checkpoint) ...
+    predictor = Predictor.load("model.safetensors")       # ... or an exported file with its sidecar
+    fn = predictor.program(cam=True)                      # pure: (variables, uint8 NHWC) -> outputs, jit-able
+    out = jax.jit(fn)(predictor.variables, images)        # {"logits", "features"?, "maps"?}
+    predictor.answers(out["logits"], out.get("features")) # per image: class, calibrated probabilities, OOD
+
+Probabilities are calibrated by the temperature stored in the workdir's calibration.json for the
+checkpoint's step (`jaxcell evaluate` fits it on the validation split); without one they are the
+model's own softmax and `calibrated` says so. The out-of-distribution detector is the workdir's
+(jaxcell.ood); without one `in_distribution` and `ood_score` are None (runs trained before it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from jaxcell import calibration
+from jaxcell.errors import UserError
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def parse_checkpoint(text) -> str | int:
+    which = int(text) if str(text).isdigit() else text
+    if which not in ("best", "last") and not isinstance(which, int):
+        raise UserError(f"--checkpoint must be best, last or a step number, not {text!r}")
+    return which
+
+
+@dataclasses.dataclass
+class Predictor:
+    source: str                    # the workdir or the weights file it was loaded from
+    workdir: str | None            # None for a weights file
+    record: dict                   # config.json (or the sidecar, in the same shape)
+    model: object                  # the flax module
+    variables: dict                # {"params", "batch_stats"} on the host
+    step: int                      # the checkpoint's training step (0 for a weights file)
+    temperature: float | None      # None: no temperature recorded, probabilities uncalibrated
+    calibration_note: str
+    detector: object | None        # jaxcell.ood.Detector, or None
+
+    @classmethod
+    def load(cls, source: str, checkpoint="best", model: str | None = None, fit_temperature: bool = False,
+             log=lambda message: None) -> "Predictor":
+        """A workdir or an exported weights file (with its sidecar, FILE.json). fit_temperature: when the
+        workdir records none, fit one on its validation split now and store it (as `jaxcell evaluate` does)."""
+        import jax
+
+        from jaxcell import models
+
+        if os.path.isfile(source) and source.lower().endswith(WEIGHT_SUFFIXES):
+            from jaxcell.export import read_torch
+
+            record, variables = read_torch(source, model)
+            record = {**record, "data": {"source": "not recorded (an exported weights file)", "sizes": {}}}
+            return cls(source, None, record, models.create(record["model"], **record["model_kwargs"]),
+                       jax.device_get(variables), 0, None, "an exported file carries no temperature", None)
+        if os.path.isfile(source):
+            raise UserError(f"{source}: neither a workdir nor a weights file ({', '.join(WEIGHT_SUFFIXES)})")
+        from jaxcell.evaluate import Datasets, restore, temperature
+        from jaxcell.train import local
+
+        member = restore(source, parse_checkpoint(checkpoint), model)
+        step = int(local(member.state.step))
+        entry = calibration.read_temperature(source, step, False)
+        if entry is None and fit_temperature:
+            try:
+                entry = temperature(member, Datasets(None), False, 64, refit=False)
+                log(f"fitted the temperature on the validation split: T = {entry['temperature']:.4g}")
+            except UserError as error:  # its data is gone or has no validation split
+                log(f"no temperature scaling: {error}")
+        t = None if entry is None else float(entry["temperature"])
+        note = (f"temperature {t:.4g} fitted on the {entry.get('fitted_on', 'val split')} "
+                f"({entry.get('num_examples', '?')} images)" if entry else
+                f"no temperature recorded for step {step}; run jaxcell evaluate --workdir {source} to fit one")
+        variables = jax.device_get({"params": member.state.params, "batch_stats": member.state.batch_stats})
+        return cls(source, source, member.record, models.create(member.record["model"], **member.record["model_kwargs"]),
+                   variables, step, t, note, load_detector(source, step, log))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.record["class_names"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.record["preprocessing"]["image_size"])
+
+    def program(self, cam: bool = False, cam_layer: str | None = None, batch_size: int = 1):
+        """A pure function (variables, uint8 images (batch_size, S, S, 3)) -> {"logits", "features" when
+        there is a detector, "maps" (Grad-CAM of the predicted class, [0, 1]) with cam}. The batch size
+        only fixes the shape the Grad-CAM layer is looked up with; jit it for any batch."""
+        import jax
+        import jax.numpy as jnp
+
+        from jaxcell.explain import cam_function
+        from jaxcell.train import prepare
+
+        preprocessing, model = self.record["preprocessing"], self.model
+        shape = (batch_size, self.image_size, self.image_size, 3)
+        run = None
+        if cam:
+            _, run = cam_function(model, self.variables, jax.ShapeDtypeStruct(shape, jnp.float32), cam_layer)
+        features_and_logits = self._features_and_logits()
+
+        def fn(variables, images):
+            x = prepare(images, preprocessing)
+            out = {}
+            if features_and_logits is not None:
+                out["features"], out["logits"] = features_and_logits(model, variables, x)
+            else:
+                out["logits"] = model.apply(variables, x, train=False)
+            if run is not None:
+                out["maps"] = run(variables, x)[0]
+            return out
+
+        return fn
+
+    def _features_and_logits(self):
+        return None
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return calibration.softmax(logits, self.temperature or 1.0)
+
+    def answers(self, logits: np.ndarray, features: np.ndarray | None = None) -> list[dict]:
+        """Per image: class, calibrated probabilities, in_distribution and ood_score (None without a detector)."""
+        names = self.class_names
+        probabilities = self.probabilities(logits)
+        scores = None
+        if self.detector is not None and features is not None:
+            scores = self.detector.score(features, logits)
+        out = []
+        for i, p in enumerate(probabilities):
+            out.append({"class": names[int(p.argmax())],
+                        "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)},
+                        "calibrated": self.temperature is not None,
+                        "in_distribution": None if scores is None else bool(scores[i] <= self.detector.threshold),
+                        "ood_score": None if scores is None else round(float(scores[i]), 6)})
+        return out
+
+
+def load_detector(workdir: str, step: int, log):
+    """The workdir's out-of-distribution detector, or None."""
+    return None
