@@ -4,8 +4,9 @@
     jaxcell train     --recipe NAME --data DIR --workdir DIR [flags overriding the recipe]
     jaxcell recipes
     jaxcell evaluate  --workdir DIR [--workdir DIR ...] [--data DIR] [--split test] [--tta]
-                      [--stain-shift S] [--fit-temperature] [--out report.json]
+                      [--stain-shift S] [--fit-temperature] [--ood-data FOLDER] [--out report.json]
     jaxcell predict   --workdir DIR [--cam OUTDIR] IMAGE...
+    jaxcell ood       --workdir DIR [--method combined] [--views 2]
     jaxcell report    --workdir DIR --out report.html [--data DIR] [--split test]
     jaxcell audit     --data DIR [--json FILE]
     jaxcell table     --workdir DIR [--workdir DIR ...] [--split val] [--shift 0.03] [--markdown FILE]
@@ -85,6 +86,8 @@ def _evaluation_args(e: argparse.ArgumentParser, ensemble: bool) -> None:
                    help="evaluate on HED stain-shifted copies of the images (strength S, e.g. 0.03)")
     e.add_argument("--stain-seed", type=int, default=0, help="the fixed seed of --stain-shift")
     e.add_argument("--cache-dir")
+    e.add_argument("--ood-data", metavar="FOLDER",
+                   help="also measure the OOD detector: these images (any layout) against the evaluated ones")
 
 
 def add_run_args(t: argparse.ArgumentParser) -> None:
@@ -152,6 +155,8 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --workdir")
     t.add_argument("--cache-dir", help="where decoded datasets are cached (default ~/.cache/jaxcell)")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-ood", action="store_true",
+                   help="do not fit the out-of-distribution detector at the end (jaxcell ood fits it later)")
     t.add_argument("--coordinator-address", metavar="HOST:PORT",
                    help="multi-host: the address of process 0 (with --num-processes and --process-id); "
                         "under SLURM or Open MPI these are detected")
@@ -206,6 +211,16 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     p.add_argument("--cam", metavar="OUTDIR", help="also write a Grad-CAM overlay PNG per image here")
     p.add_argument("--cam-layer", help="the layer for --cam (flax or torch module path); default per model")
     p.add_argument("images", nargs="+", metavar="IMAGE")
+
+    o = sub.add_parser("ood", help="fit the out-of-distribution detector of a trained workdir (ood.json, ood.npz)")
+    o.add_argument("--workdir", required=True)
+    o.add_argument("--checkpoint", default="best", help="best, last or a step number")
+    o.add_argument("--method", default=None, help="the score: msp, energy, mahalanobis, knn, vim, combined "
+                                                  "(default combined)")
+    o.add_argument("--views", type=non_negative_int, default=None, metavar="N",
+                   help="augmented copies of the training split to fit on besides the clean one (default 2)")
+    o.add_argument("--batch-size", type=positive, default=64)
+    o.add_argument("--cache-dir")
 
     q = sub.add_parser("parity", help="layer-by-layer comparison of the JAX model with its torch twin")
     q.add_argument("--model", required=True)
@@ -357,6 +372,34 @@ def cmd_train(args) -> int:
     last = result.history[-1] if result.history else {}
     print(f"trained {args.model} in {result.seconds:.1f}s; last val accuracy "
           f"{last.get('val_accuracy', float('nan')):.4f}; workdir {args.workdir}")
+    if not args.no_ood and "val" in dataset.splits and len(dataset.splits["val"][1]):
+        _fit_ood(args.workdir, "best", None, None, args.batch_size, args.cache_dir, dataset)
+    return 0
+
+
+def _fit_ood(workdir, checkpoint, method, views, batch_size, cache_dir, dataset=None) -> None:
+    from jaxcell import ood
+    from jaxcell.evaluate import Datasets
+
+    datasets = None
+    if dataset is not None:  # the data train just loaded: no second decode
+        from jaxcell import data
+        from jaxcell.train import read_config
+
+        t = read_config(workdir)["train"]
+        datasets = Datasets(cache_dir)
+        datasets.loaded[(t["data"], t["image_size"], data.split_seed(t), t["synthetic_examples"])] = dataset
+    detector = ood.fit_workdir(workdir, checkpoint, method or ood.DEFAULT_METHOD,
+                               ood.AUGMENTED_VIEWS if views is None else views, batch_size, datasets, cache_dir,
+                               log=print)
+    d = detector.describe()
+    print(f"OOD detector ({d['method']}) fitted on {d['fitted_on']}; threshold {d['threshold']:.4g} flags "
+          f"{d['val_flagged_share']:.2%} of {d['threshold_set_on']}; written to "
+          f"{os.path.join(workdir, ood.OOD_FILE)}")
+
+
+def cmd_ood(args) -> int:
+    _fit_ood(args.workdir, args.checkpoint, args.method, args.views, args.batch_size, args.cache_dir)
     return 0
 
 
@@ -397,6 +440,14 @@ def cmd_evaluate(args) -> int:
 
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap must be 0 or more, got {args.bootstrap}")
+    if args.ood_data and len(args.workdir) > 1:
+        raise UserError("--ood-data measures one workdir's OOD detector; give a single --workdir")
+    if args.ood_data:
+        from jaxcell import ood
+
+        ood.require(args.workdir[0])  # before the evaluation's work, not after it
+        if not os.path.isdir(args.ood_data):
+            raise UserError(f"--ood-data {args.ood_data}: not a folder")
     evaluation = _run_evaluation(args, args.workdir, calibrate=not args.no_calibration,
                                  refit=args.fit_temperature, resamples=args.bootstrap)
     result = evaluation.result
@@ -404,6 +455,13 @@ def cmd_evaluate(args) -> int:
         f", stain-shifted (HED {args.stain_shift}, seed {args.stain_seed})" if args.stain_shift else "")
     print(f"{result['model']} on {result['data']}{conditions}")
     print(format_evaluation(result))
+    if args.ood_data:
+        from jaxcell import ood
+
+        m = ood.measure(evaluation.members[0], evaluation.images, evaluation.labels, args.ood_data,
+                        result["data"] + conditions, args.batch_size)
+        result["ood"] = m.result
+        print(ood.format_measurement(m.result))
     if args.out:
         _write_json(args.out, result, "report")
     return 0
@@ -447,16 +505,47 @@ def cmd_audit(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    import numpy as np
+
     from jaxcell.data.images import load_images
+
+    from jaxcell import calibration, ood
+    from jaxcell.train import local
 
     state, record, eval_step, placement = _restore(args)
     images = load_images(args.images, record["preprocessing"]["image_size"])
     probabilities = _probabilities(eval_step, state, images, args.batch_size, placement)
     names = record["class_names"]
     cams = _write_cams(args, state, record, images) if args.cam else [None] * len(args.images)
-    for path, p, cam in zip(args.images, probabilities, cams):
+    step = int(local(state.step))
+    entry = calibration.read_temperature(args.workdir, step, False)
+    calibrated = [None] * len(images)
+    detector, scores = ood.load(args.workdir), [None] * len(images)
+    if detector is None:
+        print(f"jaxcell predict: note: {args.workdir} has no OOD detector, so no in_distribution / ood_score; "
+              f"fit one with: jaxcell ood --workdir {args.workdir}", file=sys.stderr)
+    else:
+        if detector.info.get("checkpoint_step") not in (None, step):
+            print(f"jaxcell predict: note: the OOD detector was fitted on step {detector.info['checkpoint_step']}, "
+                  f"this is step {step}; refit with jaxcell ood --workdir {args.workdir} --checkpoint "
+                  f"{args.checkpoint}", file=sys.stderr)
+        from jaxcell import models
+
+        model = models.create(record["model"], **record["model_kwargs"])
+        extract = ood.Extractor(model, {"params": state.params, "batch_stats": state.batch_stats},
+                                record["preprocessing"], args.batch_size)
+        scores = detector.score(*extract(images))
+    if entry is not None:
+        logits = np.log(np.maximum(probabilities, 1e-300))  # softmax(log p / T) = softmax(logits / T)
+        calibrated = calibration.probabilities(logits, entry["temperature"])
+    for path, p, cam, q, s in zip(args.images, probabilities, cams, calibrated, scores):
         line = {"file": path, "class": names[int(p.argmax())],
                 "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)}}
+        if q is not None:
+            line["calibrated_probabilities"] = {n: round(float(v), 6) for n, v in zip(names, q)}
+        if s is not None:
+            line["in_distribution"] = bool(s <= detector.threshold)
+            line["ood_score"] = round(float(s), 6)
         if cam:
             line["cam"] = cam
         print(json.dumps(line))
@@ -547,7 +636,7 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"train": cmd_train, "recipes": cmd_recipes, "evaluate": cmd_evaluate, "report": cmd_report,
             "audit": cmd_audit, "table": cmd_table,
-            "predict": cmd_predict, "parity": cmd_parity, "export": cmd_export, "import": cmd_import,
+            "predict": cmd_predict, "ood": cmd_ood, "parity": cmd_parity, "export": cmd_export, "import": cmd_import,
             "summary": cmd_summary, "bench": cmd_bench}
 
 
