@@ -4,12 +4,13 @@
     predictor = Predictor.load("model.safetensors")       # ... or an exported file with its sidecar
     fn = predictor.program(cam=True)                      # pure: (variables, uint8 NHWC) -> outputs, jit-able
     out = jax.jit(fn)(predictor.variables, images)        # {"logits", "features"?, "maps"?}
-    predictor.answers(out["logits"], out.get("features")) # per image: class, calibrated probabilities, OOD
+    predictor.answers(out["logits"], out.get("features")) # per image: class, probabilities, OOD
+    predictor.outputs(images, batch_size=64)               # the same program over many images, batched
 
-Probabilities are calibrated by the temperature stored in the workdir's calibration.json for the
-checkpoint's step (`jaxcell evaluate` fits it on the validation split); without one they are the
-model's own softmax and `calibrated` says so. The out-of-distribution detector is the workdir's
-(jaxcell.ood); without one `in_distribution` and `ood_score` are None (runs trained before it).
+`probabilities` are the model's softmax; `calibrated_probabilities` are those after the temperature
+stored in the workdir's calibration.json for the checkpoint's step (`jaxcell evaluate` fits it on the
+validation split), None without one. The out-of-distribution detector is the workdir's (jaxcell.ood);
+without one `in_distribution` and `ood_score` are None (runs trained before it existed).
 """
 
 from __future__ import annotations
@@ -121,28 +122,55 @@ class Predictor:
         return fn
 
     def _features_and_logits(self):
-        return None
+        if self.detector is None:
+            return None
+        from jaxcell.ood import features_and_logits
 
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        return calibration.softmax(logits, self.temperature or 1.0)
+        return features_and_logits
+
+    def outputs(self, images: np.ndarray, batch_size: int = 64, cam: bool = False, cam_layer: str | None = None) -> dict:
+        """`program` over many uint8 images: one compiled batch size, the last batch padded."""
+        import jax
+
+        fn = jax.jit(self.program(cam, cam_layer, batch_size))
+        parts = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            n = len(chunk)
+            if n < batch_size:
+                chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+            parts.append({k: np.asarray(v)[:n] for k, v in fn(self.variables, chunk).items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in (parts[0] if parts else {})}
 
     def answers(self, logits: np.ndarray, features: np.ndarray | None = None) -> list[dict]:
-        """Per image: class, calibrated probabilities, in_distribution and ood_score (None without a detector)."""
+        """Per image: class, probabilities, calibrated_probabilities, in_distribution, ood_score (each
+        None when there is no temperature, or no detector)."""
         names = self.class_names
-        probabilities = self.probabilities(logits)
+        raw = calibration.softmax(logits)
+        calibrated = None if self.temperature is None else calibration.softmax(logits, self.temperature)
         scores = None
         if self.detector is not None and features is not None:
             scores = self.detector.score(features, logits)
-        out = []
-        for i, p in enumerate(probabilities):
-            out.append({"class": names[int(p.argmax())],
-                        "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)},
-                        "calibrated": self.temperature is not None,
-                        "in_distribution": None if scores is None else bool(scores[i] <= self.detector.threshold),
-                        "ood_score": None if scores is None else round(float(scores[i]), 6)})
-        return out
+
+        def rounded(p):
+            return {n: round(float(v), 6) for n, v in zip(names, p)}
+
+        return [{"class": names[int(p.argmax())], "probabilities": rounded(p),
+                 "calibrated_probabilities": None if calibrated is None else rounded(calibrated[i]),
+                 "in_distribution": None if scores is None else bool(scores[i] <= self.detector.threshold),
+                 "ood_score": None if scores is None else round(float(scores[i]), 6)}
+                for i, p in enumerate(raw)]
 
 
 def load_detector(workdir: str, step: int, log):
-    """The workdir's out-of-distribution detector, or None."""
-    return None
+    """The workdir's out-of-distribution detector, or None (with a note in the log)."""
+    from jaxcell import ood
+
+    detector = ood.load(workdir)
+    if detector is None:
+        log(f"note: {workdir} has no OOD detector, so no in_distribution / ood_score; "
+            f"fit one with: jaxcell ood --workdir {workdir}")
+    elif detector.info.get("checkpoint_step") not in (None, step):
+        log(f"note: the OOD detector was fitted on step {detector.info['checkpoint_step']}, this is step {step}; "
+            f"refit with jaxcell ood --workdir {workdir} --checkpoint {step}")
+    return detector

@@ -21,10 +21,11 @@ function showAnswer(item, answer) {
   item.querySelector(".status").hidden = true;
   item.querySelector(".overlay").src = answer.cam;
   item.querySelector(".class").textContent = answer.class;
-  item.querySelector(".confidence").textContent = percent(answer.probabilities[answer.class]);
+  const probabilities = answer.calibrated_probabilities || answer.probabilities;
+  item.querySelector(".confidence").textContent = percent(probabilities[answer.class]);
   item.querySelector(".class-line").hidden = false;
   const bars = item.querySelector(".bars");
-  for (const [name, p] of Object.entries(answer.probabilities)) {
+  for (const [name, p] of Object.entries(probabilities)) {
     const row = document.createElement("div");
     row.className = "bar" + (name === answer.class ? " top" : "");
     const track = document.createElement("div");
@@ -36,7 +37,7 @@ function showAnswer(item, answer) {
     row.append(text("span", name, "name"), track, text("span", percent(p), "value"));
     bars.appendChild(row);
   }
-  const notes = [answer.calibrated ? "Calibrated probabilities." : "Probabilities not calibrated (no temperature recorded)."];
+  const notes = [answer.calibrated_probabilities ? "Calibrated probabilities." : "Probabilities not calibrated (no temperature recorded)."];
   if (answer.in_distribution === false) {
     item.classList.add("flagged");
     item.querySelector(".ood-warning").hidden = false;
