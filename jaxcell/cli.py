@@ -542,6 +542,12 @@ def _write_cams(args, predictor, images) -> list[str]:
     return paths
 
 
+def cmd_serve(args) -> int:
+    from jaxcell import serve
+
+    return serve.command(args)
+
+
 def cmd_parity(args) -> int:
     from jaxcell import models
     from parity.compare import main as parity_main

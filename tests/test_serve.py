@@ -107,11 +107,13 @@ def test_predict_answers_each_image_with_calibrated_probabilities_and_an_overlay
     assert [a["file"] for a in results] == ["one.png", "two.png"]
     names = engine.predictor.class_names
     for a in results:
-        assert set(a["probabilities"]) == set(names) and a["class"] in names
-        assert sum(a["probabilities"].values()) == pytest.approx(1, abs=1e-5)
-        assert max(a["probabilities"], key=a["probabilities"].get) == a["class"]
-        assert a["calibrated"] is True  # fit_temperature: the tiny run's data is synthetic, always there
-        assert a["in_distribution"] is None and a["ood_score"] is None  # this run has no detector
+        # fit_temperature: the tiny run's data is synthetic, always there to fit it on
+        for p in (a["probabilities"], a["calibrated_probabilities"]):
+            assert set(p) == set(names) and sum(p.values()) == pytest.approx(1, abs=1e-5)
+            assert max(p, key=p.get) == a["class"]
+        # `jaxcell train` fitted the run's detector
+        assert isinstance(a["ood_score"], float)
+        assert a["in_distribution"] is (a["ood_score"] <= engine.predictor.detector.threshold)
         assert a["cam"].startswith("data:image/png;base64,")
         cam = Image.open(io.BytesIO(__import__("base64").b64decode(a["cam"].split(",", 1)[1])))
         assert cam.format == "PNG" and cam.mode == "RGB"
@@ -122,7 +124,6 @@ def test_the_batched_program_gives_what_predict_gives(client, engine, serve_work
     probabilities for the same file after the same temperature."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from jaxcell.calibration import softmax
     from jaxcell.cli import main
 
     paths = []
@@ -134,12 +135,13 @@ def test_the_batched_program_gives_what_predict_gives(client, engine, serve_work
     assert all(a.status_code == 200 for a in answers)
     assert main(["predict", "--workdir", serve_workdir, *map(str, paths)]) == 0
     offline = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    t = engine.predictor.temperature
+    names = engine.predictor.class_names
     for answer, line in zip(answers, offline):
-        p = np.array([line["probabilities"][n] for n in engine.predictor.class_names])
-        expected = softmax(np.log(np.maximum(p, 1e-30)), t)  # predict's softmax, rescaled by 1/T
-        got = np.array([answer.json()["results"][0]["probabilities"][n] for n in engine.predictor.class_names])
-        np.testing.assert_allclose(got, expected, atol=2e-5)
+        (served,) = answer.json()["results"]
+        for key in ("probabilities", "calibrated_probabilities"):
+            np.testing.assert_allclose([served[key][n] for n in names], [line[key][n] for n in names], atol=2e-5)
+        assert served["ood_score"] == pytest.approx(line["ood_score"], rel=1e-4, abs=1e-4)
+        assert served["in_distribution"] == line["in_distribution"] and served["class"] == line["class"]
     assert engine.batches >= 1
 
 
@@ -178,14 +180,15 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(engine):
     assert r.status_code == 413 and r.json()["error"] == "wide.png: 40x40 pixels, more than the 1,000 allowed"
 
 
-def test_model_card_and_health(client, serve_workdir):
+def test_model_card_and_health(client, engine, serve_workdir):
     card = client.get("/model").json()
     assert card["architecture"]["name"] == "lightnetcell" and card["architecture"]["input_size"] == [16, 16, 3]
     assert card["architecture"]["parameters"] > 0
     assert card["training"]["sizes"] == {"train": 56, "val": 12, "test": 12}
     assert card["validation"]["accuracy"] == json.loads(open(os.path.join(serve_workdir, "metrics.jsonl"))
                                                         .read().splitlines()[-1])["val_accuracy"]
-    assert card["calibration"]["temperature"] > 0 and card["detector"] is None and "jaxcell ood" in card["detector_note"]
+    assert card["calibration"]["temperature"] > 0
+    assert card["detector"]["threshold"] == engine.predictor.detector.threshold and card["detector_note"] is None
     assert "not a diagnostic device" in card["notice"] and card["version"]
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
@@ -250,6 +253,10 @@ def test_serving_an_exported_safetensors_file_gives_the_workdirs_logits(engine, 
     a = jax.jit(exported.program())(exported.variables, images)["logits"]
     b = jax.jit(engine.predictor.program())(engine.predictor.variables, images)["logits"]
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # No detector travels with an exported file: the answers say so instead of guessing.
+    assert exported.detector is None
+    assert all(x["in_distribution"] is None and x["ood_score"] is None and x["calibrated_probabilities"] is None
+               for x in exported.answers(np.asarray(a)))
 
 
 def test_a_restart_reads_the_program_from_the_persistent_cache(serve_workdir, tmp_path):
