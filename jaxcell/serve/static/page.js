@@ -99,6 +99,7 @@ drop.addEventListener("drop", (e) => handle(e.dataTransfer.files));
 function fmt(v) {
   if (v === null || v === undefined || v === "") return "not recorded";
   if (typeof v === "number") return Number.isInteger(v) ? v.toLocaleString("en") : v.toFixed(4);
+  if (Array.isArray(v)) return "(" + v.map(fmt).join(", ") + ")";
   if (typeof v === "object") return Object.entries(v).map(([k, x]) => k + ": " + fmt(x)).join(", ");
   return String(v);
 }
