@@ -41,7 +41,7 @@ def _png_data_url(image: np.ndarray) -> str:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)  # a small picture: speed over bytes
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
