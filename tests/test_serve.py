@@ -239,6 +239,17 @@ def test_serve_refuses_a_public_address_without_a_token(serve_workdir, capsys, m
     check_exposure("127.0.0.1", None)
 
 
+def test_serve_says_when_its_port_is_taken_before_loading_anything(capsys):
+    from jaxcell.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--workdir", "/nonexistent", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+
+
 def test_serving_an_exported_safetensors_file_gives_the_workdirs_logits(engine, serve_workdir, tmp_path):
     from jaxcell.export import export_workdir
     from jaxcell.inference import Predictor
@@ -273,3 +284,18 @@ def test_a_restart_reads_the_program_from_the_persistent_cache(serve_workdir, tm
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert runs[0]["from_persistent_cache"] is False and runs[1]["from_persistent_cache"] is True
     assert os.listdir(tmp_path / "xla")
+
+
+def test_a_cancelled_request_does_not_stop_the_batcher(engine):
+    """A client that goes away cancels its futures; the batch leaves those images out and answers the rest."""
+    from concurrent.futures import Future
+
+    from jaxcell.serve.engine import _Item
+
+    image = np.zeros((engine.predictor.image_size, engine.predictor.image_size, 3), np.uint8)
+    gone, kept = Future(), Future()
+    assert gone.cancel()
+    engine._answer([_Item(image, gone), _Item(image, kept)])  # what the worker does with a batch
+    assert kept.result(timeout=0)[0]["class"] in engine.predictor.class_names
+    (later,) = engine.submit(image[None])
+    assert later.result(timeout=60)[0]["class"] in engine.predictor.class_names

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 
 from jaxcell.errors import UserError
 
@@ -35,6 +36,19 @@ def check_exposure(host: str, token: str | None) -> None:
                         f"model; pass --token T (or set {TOKEN_ENV}), or keep the default --host 127.0.0.1")
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail now, not after loading and compiling, when the address cannot be listened on."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind((host, port))
+    except OSError as error:
+        raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
 def command(args) -> int:
     import uvicorn
 
@@ -46,6 +60,7 @@ def command(args) -> int:
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     check_exposure(args.host, token)  # before any work
+    check_port(args.host, args.port)
     if args.max_upload_mb <= 0:
         raise UserError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     if not args.no_compile_cache:

@@ -127,6 +127,10 @@ class Engine:
             self._answer(items)
 
     def _answer(self, items: list[_Item]) -> None:
+        # A request whose client went away has cancelled its futures: leave those images out.
+        items = [item for item in items if item.future.set_running_or_notify_cancel()]
+        if not items:
+            return
         batch = np.zeros(self.shape, np.uint8)
         for i, item in enumerate(items):
             batch[i] = item.image
