@@ -217,7 +217,8 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     v = sub.add_parser("serve", help="serve a trained model over HTTP: a page, /predict, /model, /health")
     source = v.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="a trained workdir")
-    source.add_argument("--weights", metavar="FILE", help="an exported .safetensors (or .pt) with its sidecar FILE.json")
+    source.add_argument("--weights", metavar="FILE",
+                        help="an exported .safetensors (or .pt) with its sidecar FILE.json")
     v.add_argument("--checkpoint", default="best", help="with --workdir: best, last or a step number")
     v.add_argument("--host", default="127.0.0.1", help="any address but loopback needs --token")
     v.add_argument("--port", type=int, default=8000)

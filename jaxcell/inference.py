@@ -39,7 +39,7 @@ class Predictor:
     workdir: str | None            # None for a weights file
     record: dict                   # config.json (or the sidecar, in the same shape)
     model: object                  # the flax module
-    variables: dict                # {"params", "batch_stats"} on the host
+    variables: dict                # {"params", "batch_stats"} on the default device
     step: int                      # the checkpoint's training step (0 for a weights file)
     temperature: float | None      # None: no temperature recorded, probabilities uncalibrated
     calibration_note: str
@@ -60,7 +60,7 @@ class Predictor:
             record, variables = read_torch(source, model)
             record = {**record, "data": {"source": "not recorded (an exported weights file)", "sizes": {}}}
             return cls(source, None, record, models.create(record["model"], **record["model_kwargs"]),
-                       jax.device_get(variables), 0, None, "an exported file carries no temperature", None)
+                       jax.device_put(variables), 0, None, "an exported file carries no temperature", None)
         if os.path.isfile(source):
             raise UserError(f"{source}: neither a workdir nor a weights file ({', '.join(WEIGHT_SUFFIXES)})")
         from jaxcell.evaluate import Datasets, restore, temperature
@@ -79,8 +79,11 @@ class Predictor:
         note = (f"temperature {t:.4g} fitted on the {entry.get('fitted_on', 'val split')} "
                 f"({entry.get('num_examples', '?')} images)" if entry else
                 f"no temperature recorded for step {step}; run jaxcell evaluate --workdir {source} to fit one")
-        variables = jax.device_get({"params": member.state.params, "batch_stats": member.state.batch_stats})
-        return cls(source, source, member.record, models.create(member.record["model"], **member.record["model_kwargs"]),
+        # On the default device once (restored arrays are replicated over every device of the mesh).
+        variables = jax.device_put(jax.device_get({"params": member.state.params,
+                                                   "batch_stats": member.state.batch_stats}))
+        model = models.create(member.record["model"], **member.record["model_kwargs"])
+        return cls(source, source, member.record, model,
                    variables, step, t, note, load_detector(source, step, log))
 
     @property
@@ -128,7 +131,8 @@ class Predictor:
 
         return features_and_logits
 
-    def outputs(self, images: np.ndarray, batch_size: int = 64, cam: bool = False, cam_layer: str | None = None) -> dict:
+    def outputs(self, images: np.ndarray, batch_size: int = 64, cam: bool = False,
+                cam_layer: str | None = None) -> dict:
         """`program` over many uint8 images: one compiled batch size, the last batch padded."""
         import jax
 

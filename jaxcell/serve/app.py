@@ -45,7 +45,8 @@ def _png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode(files: list[tuple[str, bytes]], image_size: int, max_pixels: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def decode(files: list[tuple[str, bytes]], image_size: int,
+           max_pixels: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, the model's input (S, S, 3) uint8, a display copy) per upload; the first bad one is refused."""
     out = []
     for name, data in files:
@@ -86,7 +87,8 @@ def create_app(engine, card: dict, *, token: str | None = None, max_upload_bytes
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         message = {404: f"no such endpoint: {request.url.path}",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code, str(error.detail))
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code,
+                                                                                      str(error.detail))
         return _error(error.status_code, message)
 
     def page(path: str):
