@@ -53,7 +53,7 @@ def evaluations(workdir: str, step: int) -> list[dict]:
                       "stain_shift": shift["strength"] if shift else None, "examples": r.get("num_examples"),
                       "accuracy": r["accuracy"], "macro_f1": r.get("macro_f1"), "ece": r.get("ece"),
                       "ece_calibrated": r.get("ece_calibrated")})
-    return found
+    return sorted(found, key=lambda e: (str(e["data"]), e["stain_shift"] or 0, e["tta"]))  # clean first
 
 
 def model_card(predictor, startup: dict | None = None) -> dict:

@@ -120,8 +120,13 @@ function cardRows(card) {
     rows.push(["Evaluations", "none recorded in the workdir (jaxcell evaluate --out WORKDIR/NAME.json)"]);
   }
   for (const e of card.evaluations) {
-    const what = e.data + (e.stain_shift ? ", stain-shifted (HED " + e.stain_shift + ")" : ", clean") + (e.tta ? ", TTA" : "");
-    rows.push(["Accuracy, " + what, fmt(e.accuracy) + "; ECE " + fmt(e.ece) + (e.ece_calibrated != null ? " (" + fmt(e.ece_calibrated) + " calibrated)" : "")]);
+    // "the test split of <data>" -> "Test split"; a folder evaluation keeps its own words in the value.
+    const split = /^the (\w+) split of /.exec(e.data || "");
+    const label = (split ? split[1][0].toUpperCase() + split[1].slice(1) + " split" : "Evaluation") +
+      (e.stain_shift ? ", stain-shifted (HED " + e.stain_shift + ")" : ", clean") + (e.tta ? ", TTA" : "");
+    rows.push([label, "accuracy " + fmt(e.accuracy) + ", ECE " + fmt(e.ece) +
+      (e.ece_calibrated != null ? " (" + fmt(e.ece_calibrated) + " after temperature scaling)" : "") +
+      (e.examples ? "; " + e.examples + " images" : "") + (split ? "" : "; " + e.data)]);
   }
   rows.push(["Calibration", card.calibration.note]);
   rows.push(["Out-of-distribution detector", card.detector
