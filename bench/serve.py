@@ -52,6 +52,13 @@ def image_files(folder: str | None, count: int, tmp: str) -> list[str]:
     return paths
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def offline(workdir: str, paths: list[str], batch_size: int, cam: bool) -> dict:
     """`jaxcell predict`'s path over `paths`: images per second after one warm-up pass."""
     import io
@@ -74,11 +81,11 @@ def offline(workdir: str, paths: list[str], batch_size: int, cam: bool) -> dict:
         return answers
 
     once()  # compiles
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     once()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {"images": len(paths), "seconds": round(seconds, 3), "images_per_second": round(len(paths) / seconds, 2),
-            "batch_size": batch_size, "grad_cam": cam}
+            "cpu_seconds": round(cpu, 2), "batch_size": batch_size, "grad_cam": cam}
 
 
 def served(workdir: str, paths: list[str], clients: int, requests: int, batch_size: int, max_seconds: float) -> dict:
@@ -131,12 +138,14 @@ def served(workdir: str, paths: list[str], clients: int, requests: int, batch_si
                         (errors.append(problem) if problem else latencies.append(time.perf_counter() - t))
 
         threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
         start = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         seconds = time.perf_counter() - start
+        server_cpu, client_cpu = cpu_seconds(server.pid) - server_cpu, time.process_time() - client_cpu
         health = httpx.get(url + "/health", timeout=5).json()
     finally:
         server.terminate()
@@ -147,6 +156,8 @@ def served(workdir: str, paths: list[str], clients: int, requests: int, batch_si
             "images_per_second": round(len(latencies) / seconds, 2),
             "latency_ms": {"p50": round(float(np.percentile(ms, 50)), 1), "p95": round(float(np.percentile(ms, 95)), 1),
                            "max": round(float(ms.max()), 1)} if len(ms) else None,
+            # Where the machine's time went: the clients share its cores with the server.
+            "cpu_seconds": {"server": round(server_cpu, 2), "clients": round(client_cpu, 2)},
             "device_batches": health["batches"], "mean_batch": round(health["images"] / max(health["batches"], 1), 2),
             "batch_size": batch_size, "startup": startup}
 

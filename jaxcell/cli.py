@@ -227,7 +227,8 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     v.add_argument("--max-upload-mb", type=float, default=20, metavar="MB", help="the largest image file accepted")
     v.add_argument("--max-megapixels", type=float, default=50, metavar="MP",
                    help="the largest image accepted, read from its header before decoding")
-    v.add_argument("--batch-size", type=positive, default=16, help="the compiled batch: concurrent requests share it")
+    v.add_argument("--batch-size", type=positive, default=16,
+                   help="the largest compiled batch (1, 2, 4, ... up to it are compiled): concurrent requests share it")
     v.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
                    help="how long a batch waits for more requests before it runs")
     v.add_argument("--cam-layer", help="the Grad-CAM layer (flax or torch module path); default per model")

@@ -123,8 +123,9 @@ def _calls(model, variables, x) -> list[tuple[str, tuple]]:
 
 def cam_function(model, variables, x_like, target_layer: str | None = None, class_index=None):
     """(layer path, fn) with fn(variables, x) -> (maps, raw, class_index, logits): Grad-CAM as a
-    pure function of the parameters and a batch shaped like `x_like`, not yet jitted, so that a
-    caller can compile it once inside a larger program (`jaxcell serve`). Arguments as `gradcam`."""
+    pure function of the parameters and a batch of images of `x_like`'s size (any number of them
+    when class_index is None), not yet jitted, so that a caller can compile it inside a larger
+    program (`jaxcell serve`). Arguments as `gradcam`."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -158,7 +159,7 @@ def cam_function(model, variables, x_like, target_layer: str | None = None, clas
         return chosen, (captured[0], logits, cls)
 
     def run(variables, x):
-        delta = jnp.zeros(shapes[0], x.dtype)
+        delta = jnp.zeros((x.shape[0], *shapes[0][1:]), x.dtype)  # any batch size, not only x_like's
         grads, (act, logits, cls) = jax.grad(score, has_aux=True)(delta, variables, x)
         if act.ndim == 3:  # tokens -> grid, row by row as they were flattened
             g = _grid_side(act.shape)

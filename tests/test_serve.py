@@ -142,7 +142,7 @@ def test_the_batched_program_gives_what_predict_gives(client, engine, serve_work
             np.testing.assert_allclose([served[key][n] for n in names], [line[key][n] for n in names], atol=2e-5)
         assert served["ood_score"] == pytest.approx(line["ood_score"], rel=1e-4, abs=1e-4)
         assert served["in_distribution"] == line["in_distribution"] and served["class"] == line["class"]
-    assert engine.batches >= 1
+    assert engine.batches >= 1 and engine.sizes == [1, 2, 4]  # powers of two up to --batch-size
 
 
 @pytest.mark.parametrize("case", ["text named jpg", "truncated jpeg", "decompression bomb", "over the size limit",

@@ -70,7 +70,7 @@ def command(args) -> int:
     engine = Engine(predictor, args.batch_size, args.max_wait_ms, args.cam_layer)
     s = engine.startup
     print(f"serve: {predictor.record['model']} from {source} (step {predictor.step}); compiled for batches of "
-          f"{s['batch_size']} in {s['compile_seconds']:.2f}s"
+          f"{', '.join(map(str, s['batch_sizes_compiled']))} in {s['compile_seconds']:.2f}s"
           + (" (from the persistent compilation cache)" if s["from_persistent_cache"] else "")
           + f", warmed up in {s['warmup_seconds']:.2f}s; "
           + ("no OOD detector" if predictor.detector is None else f"OOD detector: {predictor.detector.method}"),

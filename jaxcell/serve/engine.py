@@ -1,10 +1,11 @@
 """One compiled program, fed by a dynamic batcher.
 
-The program (jaxcell.inference.Predictor.program with Grad-CAM) is compiled once, ahead of time,
-for one batch shape, and run once on zeros before the server accepts requests. Requests put
-their images on a queue; one worker thread takes what is there, waits up to `max_wait_ms` for
-more until a batch is full, pads it to the compiled size and runs it. Concurrent requests thus
-share device batches, and no request ever triggers a compilation.
+The program (jaxcell.inference.Predictor.program with Grad-CAM) is compiled ahead of time, at
+start-up, for batches of 1, 2, 4, ... up to `batch_size` images, and each is run once on zeros
+before the server accepts requests. Requests put their images on a queue; one worker thread takes
+what is there, waits up to `max_wait_ms` for more until a batch is full, pads it to the smallest
+compiled size that holds it and runs it. Concurrent requests thus share device batches, a lone
+request does not pay for a full batch of padding, and no request ever triggers a compilation.
 
 JAX's persistent compilation cache (under jaxcell.cache_dir("xla")) keeps the compiled program
 on disk, so a restart reads it back instead of compiling again.
@@ -65,33 +66,36 @@ class _Item:
 
 
 class Engine:
-    """Compiles `predictor`'s program for `batch_size` images and serves `submit` calls from a worker thread."""
+    """Compiles `predictor`'s program for up to `batch_size` images and serves `submit` calls from a worker thread."""
 
     def __init__(self, predictor, batch_size: int = 16, max_wait_ms: float = 5.0, cam_layer: str | None = None):
         import jax
         import jax.numpy as jnp
 
         self.predictor, self.batch_size, self.max_wait = predictor, batch_size, max_wait_ms / 1000
-        size = predictor.image_size
-        self.shape = (batch_size, size, size, 3)
-        fn = predictor.program(cam=True, cam_layer=cam_layer, batch_size=batch_size)
+        self.image_shape = (predictor.image_size, predictor.image_size, 3)
+        self.sizes = sorted({min(2 ** k, batch_size) for k in range(batch_size.bit_length() + 1)})
+        fn = jax.jit(predictor.program(cam=True, cam_layer=cam_layer, batch_size=batch_size))
         self.variables = jax.device_put(predictor.variables)
         start = time.perf_counter()
         with _CacheEvents() as events:
-            self.compiled = jax.jit(fn).lower(self.variables, jax.ShapeDtypeStruct(self.shape, jnp.uint8)).compile()
+            self.compiled = {n: fn.lower(self.variables, jax.ShapeDtypeStruct((n, *self.image_shape), jnp.uint8))
+                             .compile() for n in self.sizes}
         compile_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        self._run(np.zeros(self.shape, np.uint8))  # warm-up: first-run allocations happen now
-        self.startup = {"compile_seconds": round(compile_seconds, 3), "from_persistent_cache": events.hits > 0,
+        for n in self.sizes:  # warm-up: first-run allocations happen now
+            self._run(np.zeros((n, *self.image_shape), np.uint8))
+        self.startup = {"compile_seconds": round(compile_seconds, 3),
+                        "from_persistent_cache": events.hits == len(self.sizes) and events.misses == 0,
                         "warmup_seconds": round(time.perf_counter() - start, 3), "batch_size": batch_size,
-                        "max_wait_ms": max_wait_ms}
+                        "batch_sizes_compiled": self.sizes, "max_wait_ms": max_wait_ms}
         self.batches = self.images = 0
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._worker = threading.Thread(target=self._loop, name="jaxcell-serve-batcher", daemon=True)
         self._worker.start()
 
     def _run(self, batch: np.ndarray) -> dict:
-        out = self.compiled(self.variables, batch)
+        out = self.compiled[len(batch)](self.variables, batch)
         return {k: np.asarray(v) for k, v in out.items()}
 
     def submit(self, images: np.ndarray) -> list[concurrent.futures.Future]:
@@ -131,7 +135,8 @@ class Engine:
         items = [item for item in items if item.future.set_running_or_notify_cancel()]
         if not items:
             return
-        batch = np.zeros(self.shape, np.uint8)
+        size = next(n for n in self.sizes if n >= len(items))
+        batch = np.zeros((size, *self.image_shape), np.uint8)
         for i, item in enumerate(items):
             batch[i] = item.image
         try:
