@@ -11,16 +11,15 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="jaxcell serve needs the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (the test extra)")
 
+from conftest import dev_data_path  # noqa: E402
 from test_serve import engine, serve_workdir, server, smear  # noqa: E402,F401  (fixtures shared with the API tests)
 
 CHROMIUM = "/usr/bin/chromium"
-DEV_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "all4class-dev")
 
 
 def a_real_image(tmp_path) -> str:
     """An image of the real data when it is beside the checkout, else a synthetic smear."""
-    folder = os.path.abspath(os.environ.get("JAXCELL_DEV_DATA", DEV_DATA))
-    for root, _, files in sorted(os.walk(folder)):
+    for root, _, files in sorted(os.walk(dev_data_path())):
         for name in sorted(files):
             if name.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")):
                 return os.path.join(root, name)
