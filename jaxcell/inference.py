@@ -26,13 +26,6 @@ from jaxcell.errors import UserError
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
-def parse_checkpoint(text) -> str | int:
-    which = int(text) if str(text).isdigit() else text
-    if which not in ("best", "last") and not isinstance(which, int):
-        raise UserError(f"--checkpoint must be best, last or a step number, not {text!r}")
-    return which
-
-
 @dataclasses.dataclass
 class Predictor:
     source: str                    # the workdir or the weights file it was loaded from
@@ -66,7 +59,7 @@ class Predictor:
         from jaxcell.evaluate import Datasets, restore, temperature
         from jaxcell.train import local
 
-        member = restore(source, parse_checkpoint(checkpoint), model)
+        member = restore(source, checkpoint, model)  # checks the checkpoint's name and the model
         step = int(local(member.state.step))
         entry = calibration.read_temperature(source, step, False)
         if entry is None and fit_temperature:
