@@ -52,6 +52,8 @@ def extract_all(workdir: str, foreign: str, views: int, cache: str | None, batch
             put(f"foreign_{name}", ood.foreign_images(os.path.join(foreign, name), member.image_size)[0])
     out["head/kernel"], out["head/bias"] = ood.head_weights(member)
     out["class_names"] = np.asarray(member.record["class_names"])
+    out["block_names"] = np.asarray([n for n, _ in extract.blocks])
+    out["block_widths"] = np.asarray([w for _, w in extract.blocks])
     if cache:
         np.savez(cache, **out)
     return out
@@ -65,7 +67,8 @@ def measure(d: dict, views: int, methods=None) -> list[dict]:
     healthy = names.index("Benign")
     feats = [d["train/f"]] + [d[f"train_aug{v}/f"] for v in range(views)]
     det = ood.fit(np.concatenate(feats), np.tile(d["train/y"], len(feats)), d["val/f"], d["val/z"],
-                  (d["head/kernel"], d["head/bias"]), len(names))
+                  (d["head/kernel"], d["head/bias"]), len(names),
+                  [(str(n), int(w)) for n, w in zip(d["block_names"], d["block_widths"])])
     rows = []
     sets = sorted(k[len("foreign_"):-2] for k in d if k.startswith("foreign_") and k.endswith("/f"))
     val = det.scores(d["val/f"], d["val/z"])
