@@ -78,7 +78,7 @@ def _forward(model, variables, x, head: str | None, layer_stats: bool):
         out = next_fun(*args, **kwargs)
         if context.method_name == "__call__":
             path = "/".join(context.module.path)
-            if path == head:
+            if (path == head or path.startswith(head + "/")) and isinstance(context.module, nn.Dense):
                 captured.append(args[0])
             elif layer_stats and len(context.module.path) == 1 and getattr(out, "ndim", 0) in (3, 4):
                 axes = tuple(range(1, out.ndim - 1))
@@ -88,15 +88,17 @@ def _forward(model, variables, x, head: str | None, layer_stats: bool):
 
     with nn.intercept_methods(capture):
         logits = model.apply(variables, x, train=False)
-    if len(captured) != 1:
-        raise UserError(f"the head {head!r} ran {len(captured)} times in one forward pass; expected once")
-    return captured[0].reshape(captured[0].shape[0], -1), stats, names, logits
+    if not captured:
+        raise UserError(f"the model's head {head!r} has no dense layer to read the penultimate features from")
+    return captured[-1].reshape(captured[-1].shape[0], -1), stats, names, logits
 
 
 def features_and_logits(model, variables, x, head: str | None = None):
     """(penultimate features (N, D), logits (N, K)) of a preprocessed float NHWC batch, in eval mode.
 
-    Pure and jit-able: the head's call is intercepted to read its input; nothing else changes."""
+    The penultimate features are the input of the last dense layer of the registry's head module (the
+    head itself, or BRIN's fc after its pooling). Pure and jit-able: the call is intercepted to read
+    its input; nothing else changes."""
     features, _, _, logits = _forward(model, variables, x, head, False)
     return features, logits
 
@@ -394,12 +396,25 @@ def extractor_for(member, batch_size: int = 64) -> Extractor:
 
 
 def head_weights(member) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel, bias) of the dense layer whose input is the penultimate feature, for ViM."""
     import jax
 
+    return dense_of_head(jax.device_get(member.state.params), member.record["model"])
+
+
+def dense_of_head(params: dict, model_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The last dense layer (kernel, bias) in the parameters of a model's head module."""
     from jaxcell import models
 
-    head = jax.device_get(member.state.params[models.spec(member.record["model"]).head])
-    return np.asarray(head["kernel"]), np.asarray(head["bias"])
+    def last_dense(tree):
+        if "kernel" in tree:
+            return tree
+        found = [last_dense(v) for v in tree.values() if isinstance(v, dict)]
+        found = [f for f in found if f is not None]
+        return found[-1] if found else None
+
+    dense = last_dense(params[models.spec(model_name).head])
+    return np.asarray(dense["kernel"]), np.asarray(dense["bias"])
 
 
 def fit_workdir(workdir: str, checkpoint="best", method: str = DEFAULT_METHOD, views: int = AUGMENTED_VIEWS,
