@@ -1,13 +1,16 @@
 """Out-of-distribution detection: a post-hoc detector that says when an image is unlike the training images.
 
-    features, logits = features_and_logits(model, variables, x)   # pure, jit-able, every registered model
-    detector = fit(train_features, train_labels, val_features, val_logits, head=(kernel, bias))
-    detector.score(features, logits)          # (N,) higher = more foreign
+    detector = load(workdir)                                   # None when the run has none
+    features, logits = detector_inputs(model, variables, images01, preprocessing)   # pure, jit-able
+    # or, batched and compiled once: Extractor(model, variables, preprocessing)(uint8 images)
+    detector.score(features, logits)          # (N,) numpy, higher = more foreign
     detector.score(features, logits) > detector.threshold   # flagged
-    save(workdir, detector); load(workdir)    # ood.npz (arrays) + ood.json (the rest); None when absent
+    detector.describe()                       # method, threshold, what it was fitted on (model card)
+    fit_workdir(workdir)                      # fit on the training split, threshold on validation, save
 
-The penultimate features are the input of the model's head (the registry's `head` module: fc2,
-fc, classifier or head), read with `nn.intercept_methods`, so one mechanism serves every model.
+`features_and_logits(model, variables, x)` gives the penultimate features alone: the input of the last
+dense layer of the model's head (the registry's `head` module: fc2, fc, classifier, head), read with
+`nn.intercept_methods`, so one mechanism serves every model.
 
 The features a detector scores (`detector_inputs`) are the penultimate ones followed by low-level
 blocks: the input's optical density (mean and spread per channel) and the mean and spread over positions

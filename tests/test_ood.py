@@ -209,3 +209,11 @@ def test_ood_data_without_images_is_refused(workdir, tmp_path, capsys):
     assert "no image files" in capsys.readouterr().err
     assert main(["evaluate", "--workdir", workdir, "--ood-data", str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_report_shows_the_score_distributions(workdir, foreign, tmp_path):
+    out = str(tmp_path / "report.html")
+    assert main(["report", "--workdir", workdir, "--ood-data", foreign, "--cams", "0", "--out", out]) == 0
+    page = open(out, encoding="utf-8").read()
+    assert "Out-of-distribution scores" in page and "foreign images flagged" in page
+    assert Image.open(str(tmp_path / "report_ood.png")).size[0] > 100
