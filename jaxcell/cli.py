@@ -9,7 +9,7 @@
     jaxcell serve     --workdir DIR | --weights FILE [--host 127.0.0.1] [--port 8000] [--token T]
                       [--max-upload-mb 20]
     jaxcell ood       --workdir DIR [--method combined] [--views 2]
-    jaxcell report    --workdir DIR --out report.html [--data DIR] [--split test]
+    jaxcell report    --workdir DIR --out report.html [--data DIR] [--split test] [--ood-data FOLDER]
     jaxcell audit     --data DIR [--json FILE]
     jaxcell table     --workdir DIR [--workdir DIR ...] [--split val] [--shift 0.03] [--markdown FILE]
     jaxcell parity    --model NAME [--image-size N] [--batch N] [--seed N] [--train-steps N]
@@ -472,8 +472,16 @@ def cmd_report(args) -> int:
 
     if not args.out.lower().endswith((".html", ".htm")):
         raise UserError(f"--out {args.out}: the report is an HTML file; name it *.html")
+    from jaxcell import ood
+
+    if args.ood_data:
+        ood.require(args.workdir)
     evaluation = _run_evaluation(args, [args.workdir])
-    written = write_report(evaluation, args.out, cams=args.cams)
+    measurement = None
+    if ood.load(args.workdir) is not None:
+        measurement = ood.measure(evaluation.members[0], evaluation.images, evaluation.labels, args.ood_data,
+                                  evaluation.result["data"], args.batch_size)
+    written = write_report(evaluation, args.out, cams=args.cams, ood=measurement)
     print(f"report written to {written[0]} (figures beside it: "
           + ", ".join(os.path.basename(p) for p in written[1:]) + ")")
     return 0

@@ -102,13 +102,16 @@ class Predictor:
         run = None
         if cam:
             _, run = cam_function(model, self.variables, jax.ShapeDtypeStruct(shape, jnp.float32), cam_layer)
-        features_and_logits = self._features_and_logits()
+        with_detector = self.detector is not None
 
         def fn(variables, images):
             x = prepare(images, preprocessing)
             out = {}
-            if features_and_logits is not None:
-                out["features"], out["logits"] = features_and_logits(model, variables, x)
+            if with_detector:  # what the detector scores, computed as when it was fitted (jaxcell.ood)
+                from jaxcell.ood import detector_inputs
+
+                out["features"], out["logits"] = detector_inputs(model, variables, images.astype(jnp.float32) / 255.0,
+                                                                 preprocessing)
             else:
                 out["logits"] = model.apply(variables, x, train=False)
             if run is not None:
@@ -116,13 +119,6 @@ class Predictor:
             return out
 
         return fn
-
-    def _features_and_logits(self):
-        if self.detector is None:
-            return None
-        from jaxcell.ood import features_and_logits
-
-        return features_and_logits
 
     def outputs(self, images: np.ndarray, batch_size: int = 64, cam: bool = False,
                 cam_layer: str | None = None) -> dict:

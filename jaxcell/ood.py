@@ -1,24 +1,33 @@
 """Out-of-distribution detection: a post-hoc detector that says when an image is unlike the training images.
 
-    features, logits = features_and_logits(model, variables, x)   # pure, jit-able, every registered model
-    detector = fit(train_features, train_labels, val_features, val_logits, head=(kernel, bias))
-    detector.score(features, logits)          # (N,) higher = more foreign
+    detector = load(workdir)                                   # None when the run has none
+    features, logits = detector_inputs(model, variables, images01, preprocessing)   # pure, jit-able
+    # or, batched and compiled once: Extractor(model, variables, preprocessing)(uint8 images)
+    detector.score(features, logits)          # (N,) numpy, higher = more foreign
     detector.score(features, logits) > detector.threshold   # flagged
-    save(workdir, detector); load(workdir)    # ood.npz (arrays) + ood.json (the rest); None when absent
+    detector.describe()                       # method, threshold, what it was fitted on (model card)
+    fit_workdir(workdir)                      # fit on the training split, threshold on validation, save
 
-The penultimate features are the input of the model's head (the registry's `head` module: fc2,
-fc, classifier or head), read with `nn.intercept_methods`, so one mechanism serves every model.
+`features_and_logits(model, variables, x)` gives the penultimate features alone: the input of the last
+dense layer of the model's head (the registry's `head` module: fc2, fc, classifier, head), read with
+`nn.intercept_methods`, so one mechanism serves every model.
+
+The features a detector scores (`detector_inputs`) are the penultimate ones followed by low-level
+blocks: the input's optical density (mean and spread per channel) and the mean and spread over positions
+of every top-level module's output (the same rule for every model).
 
 Scores (all higher = more foreign; each is computed by every detector, `method` picks the one used):
   msp          1 - the largest softmax probability
   energy       -logsumexp(logits)
-  mahalanobis  the smallest squared Mahalanobis distance to a class mean (class-conditional Gaussians
-               with one shared covariance, Lee et al. 2018)
+  mahalanobis  the smallest squared Mahalanobis distance of the penultimate features to a class mean
+               (class-conditional Gaussians with one shared covariance, Lee et al. 2018)
   knn          distance to the k-th nearest training feature, features scaled to unit length (Sun et al. 2022)
   vim          ViM (Wang et al. 2022): the feature's norm outside the principal subspace, scaled to the
                logits, minus the logsumexp of the logits
-  combined     the mean of mahalanobis and knn, each standardized by its median and spread on the
-               validation split
+  layers       the mean over the low-level blocks of each block's Mahalanobis distance to its one training
+               Gaussian, each standardized by its median and interquartile range on the validation split
+  combined     the mean of the standardized penultimate Mahalanobis distance and the standardized block
+               distances of `layers`
 
 The training features are those of the training split as it is and of copies under the trainer's own
 augmentation (flips, rotations, stain and colour jitter): a stain shift the model is trained to ignore
@@ -40,7 +49,7 @@ from jaxcell.errors import UserError
 OOD_ARRAYS = "ood.npz"
 OOD_FILE = "ood.json"
 FLAG_SHARE = 0.02             # at most this share of the clean validation images is flagged
-METHODS = ("msp", "energy", "mahalanobis", "knn", "vim", "combined")
+METHODS = ("msp", "energy", "mahalanobis", "knn", "vim", "layers", "combined")
 DEFAULT_METHOD = "combined"
 KNN_K = 5
 AUGMENTED_VIEWS = 2           # augmented copies of the training split the detector is fitted on
@@ -61,57 +70,103 @@ def head_name(model) -> str:
     return models.spec(name).head
 
 
-def features_and_logits(model, variables, x, head: str | None = None):
-    """(penultimate features (N, D), logits (N, K)) of a preprocessed float NHWC batch, in eval mode.
-
-    Pure and jit-able: the head's call is intercepted to read its input; nothing else changes."""
+def _forward(model, variables, x, head: str | None, layer_stats: bool):
+    """(penultimate (N, D), [per top-level module: (mean, std) over positions], their paths, logits)."""
     import flax.linen as nn
 
     head = head or head_name(model)
-    captured = []
+    captured, stats, names = [], [], []
 
     def capture(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and "/".join(context.module.path) == head:
-            captured.append(args[0])
-        return next_fun(*args, **kwargs)
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__":
+            path = "/".join(context.module.path)
+            if (path == head or path.startswith(head + "/")) and isinstance(context.module, nn.Dense):
+                captured.append(args[0])
+            elif layer_stats and len(context.module.path) == 1 and getattr(out, "ndim", 0) in (3, 4):
+                axes = tuple(range(1, out.ndim - 1))
+                stats.append((out.mean(axes), out.std(axes)))
+                names.append(path)
+        return out
 
     with nn.intercept_methods(capture):
         logits = model.apply(variables, x, train=False)
-    if len(captured) != 1:
-        raise UserError(f"the head {head!r} ran {len(captured)} times in one forward pass; expected once")
-    return captured[0].reshape(captured[0].shape[0], -1), logits
+    if not captured:
+        raise UserError(f"the model's head {head!r} has no dense layer to read the penultimate features from")
+    return captured[-1].reshape(captured[-1].shape[0], -1), stats, names, logits
+
+
+def features_and_logits(model, variables, x, head: str | None = None):
+    """(penultimate features (N, D), logits (N, K)) of a preprocessed float NHWC batch, in eval mode.
+
+    The penultimate features are the input of the last dense layer of the registry's head module (the
+    head itself, or BRIN's fc after its pooling). Pure and jit-able: the call is intercepted to read
+    its input; nothing else changes."""
+    features, _, _, logits = _forward(model, variables, x, head, False)
+    return features, logits
+
+
+COLOUR_BLOCK = "input optical density"
+
+
+def detector_inputs(model, variables, images, preprocessing: dict, head: str | None = None,
+                    names: list | None = None):
+    """What a Detector scores, for float images in [0, 1] (NHWC; uint8 / 255): (features, logits).
+
+    features = [penultimate (D) | the images' optical density, mean and std per channel (6) | mean and
+    std over positions of every top-level module's feature map or token sequence, in call order]. The
+    later blocks are low-level statistics (colour, focus, scale, texture) that the penultimate features
+    may be blind to; the optical density is read before the model's own preprocessing, which with
+    --od-center removes its mean. Pure and jit-able. `names` (a list) receives each block's
+    (name, width) while tracing."""
+    import jax.numpy as jnp
+
+    from jaxcell.train import standardize
+
+    penultimate, stats, paths, logits = _forward(model, variables, standardize(images, preprocessing), head, True)
+    od = -jnp.log(jnp.maximum(images, 1 / 255))
+    blocks = [("penultimate", penultimate), (COLOUR_BLOCK, jnp.concatenate([od.mean((1, 2)), od.std((1, 2))], 1)),
+              *((p, jnp.concatenate(m, 1)) for p, m in zip(paths, stats))]
+    if names is not None:
+        names.extend((name, int(b.shape[1])) for name, b in blocks)
+    return jnp.concatenate([b.astype(jnp.float32) for _, b in blocks], axis=1), logits
 
 
 class Extractor:
-    """Features and logits of uint8 images for one trained model: one compiled program, batches padded to
-    one size; `augment` (the trainer's augmentation keywords) draws augmented copies first."""
+    """`detector_inputs` of uint8 images for one trained model: one compiled program, batches padded to one
+    size; `augment` (the trainer's augmentation keywords) draws augmented copies first. `blocks`: the
+    (name, width) of each feature block."""
 
     def __init__(self, model, variables, preprocessing: dict, batch_size: int = 64):
         import jax
+        import jax.numpy as jnp
 
         from jaxcell.data.augment import augment as augment_images
-        from jaxcell.train import prepare, standardize
 
         self.batch_size = batch_size
         self.variables = jax.device_get(variables)   # host copies: the program runs on the default device
         head = head_name(model)
+        self.blocks = []
 
         def clean(variables, images):
-            return features_and_logits(model, variables, prepare(images, preprocessing), head)
+            return detector_inputs(model, variables, images.astype(jnp.float32) / 255.0, preprocessing, head)
 
         def augmented(variables, images, key, kwargs):
-            x = augment_images(images.astype("float32") / 255.0, key, **dict(kwargs))
-            return features_and_logits(model, variables, standardize(x, preprocessing), head)
+            x = augment_images(images.astype(jnp.float32) / 255.0, key, **dict(kwargs))
+            return detector_inputs(model, variables, x, preprocessing, head)
 
+        size = preprocessing["image_size"]
+        jax.eval_shape(lambda v, x: detector_inputs(model, v, x, preprocessing, head, self.blocks), self.variables,
+                       jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
         self._clean = jax.jit(clean)
         self._augmented = jax.jit(augmented, static_argnums=3)
 
     def __call__(self, images: np.ndarray, augment: dict | None = None, seed: int = 0):
+        """(features (N, F), logits (N, K)) as numpy float32."""
         import jax
 
         feats, logits = [], []
-        n = len(images)
-        for start in range(0, n, self.batch_size):
+        for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             m = len(chunk)
             if m < self.batch_size:
@@ -123,10 +178,10 @@ class Extractor:
                 f, z = self._augmented(self.variables, chunk, key, tuple(sorted(augment.items())))
             feats.append(np.asarray(f, np.float32)[:m])
             logits.append(np.asarray(z, np.float32)[:m])
+        width = sum(w for _, w in self.blocks)
         if not feats:
-            return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+            return np.zeros((0, width), np.float32), np.zeros((0, 0), np.float32)
         return np.concatenate(feats), np.concatenate(logits)
-
 
 # ---------------------------------------------------------------------------------------------
 # The scores (numpy).
@@ -142,34 +197,59 @@ def _unit(features: np.ndarray) -> np.ndarray:
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
 
+def _whitening(centred: np.ndarray, dof: int) -> np.ndarray:
+    """W with W W^T = the inverse of the covariance of `centred` rows (a small ridge keeps it finite)."""
+    d = centred.shape[1]
+    cov = centred.T @ centred / max(dof, 1)
+    cov += SHRINKAGE * max(np.trace(cov) / d, 1e-12) * np.eye(d)
+    evals, evecs = np.linalg.eigh(cov)
+    return evecs / np.sqrt(np.maximum(evals, 1e-12))
+
+
+def _distance2(f: np.ndarray, means: np.ndarray, whiten: np.ndarray) -> np.ndarray:
+    """(N, M) squared Mahalanobis distances |W^T (f - mu_m)|^2."""
+    fw, mw = f @ whiten, means @ whiten
+    return np.maximum((fw ** 2).sum(1)[:, None] - 2 * fw @ mw.T + (mw ** 2).sum(1)[None], 0.0)
+
+
 @dataclasses.dataclass
 class Detector:
     method: str
     threshold: float
     arrays: dict                   # name -> np.ndarray (what ood.npz holds)
-    info: dict                     # what it was fitted on, the validation quantiles (ood.json)
+    info: dict                     # what it was fitted on, the feature blocks (ood.json)
+
+    @property
+    def widths(self) -> list[int]:
+        return [int(w) for w in self.arrays["block_widths"]]
 
     def scores(self, features: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
-        """Every method's score, (N,) each."""
-        a = self.arrays
+        """Every method's score, (N,) each. features: `detector_inputs`'s, logits the model's."""
+        a, widths = self.arrays, self.widths
         f = np.asarray(features, np.float64)
+        if f.ndim != 2 or f.shape[1] != sum(widths):
+            raise UserError(f"the OOD detector takes {sum(widths)} features per image (jaxcell.ood.detector_inputs), "
+                            f"got shape {f.shape}")
+        edges = np.cumsum([0, *widths])
+        blocks = [f[:, edges[i]:edges[i + 1]] for i in range(len(widths))]
+        p = blocks[0]                                             # the penultimate features
         logits = np.asarray(logits, np.float64)
         lse = _logsumexp(logits)
         out = {"msp": 1.0 - np.exp(logits.max(-1) - lse), "energy": -lse}
-        # Mahalanobis: |L^T (f - mu_k)|^2 with precision = L L^T, for every class k; the smallest.
-        fw = f @ a["whiten"]
-        mw = a["means"] @ a["whiten"]
-        d2 = (fw ** 2).sum(1)[:, None] - 2 * fw @ mw.T + (mw ** 2).sum(1)[None]
-        out["mahalanobis"] = np.maximum(d2.min(1), 0.0)
+        out["mahalanobis"] = _distance2(p, a["means"], a["whiten"]).min(1)
         # kNN on unit vectors: |u - b|^2 = 2 - 2 u.b; the k-th smallest distance.
-        sim = _unit(f) @ a["bank"].T
+        sim = _unit(p) @ a["bank"].T
         k = min(int(a["knn_k"]), sim.shape[1])
         kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
         out["knn"] = np.sqrt(np.maximum(2 - 2 * kth, 0.0))
-        residual = np.linalg.norm((f - a["vim_origin"]) @ a["vim_residual"], axis=1)
+        residual = np.linalg.norm((p - a["vim_origin"]) @ a["vim_residual"], axis=1)
         out["vim"] = float(a["vim_alpha"]) * residual - lse
-        out["combined"] = np.mean([(out[m] - a[f"center_{m}"]) / a[f"spread_{m}"] for m in ("mahalanobis", "knn")],
-                                  axis=0)
+        # Every later block: one Gaussian over all classes, its distance standardized on the validation split.
+        standard = [(_distance2(b, a[f"block{i}_mean"][None], a[f"block{i}_whiten"])[:, 0] - a[f"center_block{i}"])
+                    / a[f"spread_block{i}"] for i, b in enumerate(blocks) if i > 0]
+        out["layers"] = np.mean(standard, axis=0) if standard else np.zeros(len(f))
+        maha = (out["mahalanobis"] - a["center_mahalanobis"]) / a["spread_mahalanobis"]
+        out["combined"] = np.mean([maha, *standard], axis=0)
         return out
 
     def score(self, features: np.ndarray, logits: np.ndarray, method: str | None = None) -> np.ndarray:
@@ -206,52 +286,68 @@ def threshold_for(val_scores: np.ndarray, share: float = FLAG_SHARE) -> float:
     return float(s[len(s) - 1 - allowed])
 
 
+def _median_spread(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    q25, q50, q75 = np.percentile(x, [25, 50, 75])
+    return np.asarray(q50), np.asarray(max(q75 - q25, 1e-12))
+
+
 def fit(train_features: np.ndarray, train_labels: np.ndarray, val_features: np.ndarray, val_logits: np.ndarray,
-        head: tuple[np.ndarray, np.ndarray], num_classes: int, method: str = DEFAULT_METHOD, knn_k: int = KNN_K,
-        info: dict | None = None) -> Detector:
+        head: tuple[np.ndarray, np.ndarray], num_classes: int, blocks: list[tuple[str, int]] | None = None,
+        method: str = DEFAULT_METHOD, knn_k: int = KNN_K, info: dict | None = None) -> Detector:
     """A detector fitted on training features (labels: each row's class) with the threshold set on the
-    validation split's features and logits. head: the head's (kernel (D, K), bias (K,)), for ViM."""
+    validation split's features and logits. head: the head's (kernel (D, K), bias (K,)), for ViM.
+    blocks: (name, width) of each feature block, the penultimate first (Extractor.blocks); None: the
+    features are the penultimate ones only."""
     check_method(method)
     f = np.asarray(train_features, np.float64)
     y = np.asarray(train_labels)
     if len(f) == 0:
         raise UserError("cannot fit an OOD detector on no training images")
-    d = f.shape[1]
+    blocks = blocks or [("penultimate", f.shape[1])]
+    widths = [w for _, w in blocks]
+    if sum(widths) != f.shape[1]:
+        raise UserError(f"feature blocks of {sum(widths)} columns for {f.shape[1]} features")
+    d = widths[0]
+    p = f[:, :d]
     # Class means; a class absent from the training split gets the overall mean (no distance to it is special).
-    means = np.stack([f[y == c].mean(0) if (y == c).any() else f.mean(0) for c in range(num_classes)])
-    centred = f - means[y]
-    cov = centred.T @ centred / max(len(f) - num_classes, 1)
-    cov += SHRINKAGE * max(np.trace(cov) / d, 1e-12) * np.eye(d)
-    evals, evecs = np.linalg.eigh(cov)
-    whiten = evecs / np.sqrt(np.maximum(evals, 1e-12))        # precision = whiten @ whiten.T
+    means = np.stack([p[y == c].mean(0) if (y == c).any() else p.mean(0) for c in range(num_classes)])
+    arrays = {"block_widths": np.asarray(widths), "means": means,
+              "whiten": _whitening(p - means[y], len(p) - num_classes), "bank": _unit(p), "knn_k": np.asarray(knn_k)}
     # ViM: the origin where the logits are all zero, the principal subspace of the training features
     # around it, and alpha scaling the residual norm to the mean largest logit.
     kernel, bias = (np.asarray(v, np.float64) for v in head)
     origin = -np.linalg.pinv(kernel.T) @ bias
-    x = f - origin
+    x = p - origin
     _, vecs = np.linalg.eigh(x.T @ x / len(x))
     principal = d // 2 if d > 16 else max(d - num_classes, 1)
-    residual_basis = vecs[:, : d - principal]                 # eigh sorts ascending: the smallest directions
-    train_logits = f @ kernel + bias
-    residual = np.linalg.norm(x @ residual_basis, axis=1)
-    alpha = train_logits.max(-1).mean() / max(residual.mean(), 1e-12)
-    arrays = {"means": means, "whiten": whiten, "bank": _unit(f), "knn_k": np.asarray(knn_k),
-              "vim_origin": origin, "vim_residual": residual_basis, "vim_alpha": np.asarray(alpha)}
-    for m in ("mahalanobis", "knn"):
-        arrays[f"center_{m}"], arrays[f"spread_{m}"] = np.asarray(0.0), np.asarray(1.0)
-    probe = Detector(method, 0.0, arrays, {})
-    val = probe.scores(val_features, val_logits)
-    for m in ("mahalanobis", "knn"):
-        q25, q50, q75 = np.percentile(val[m], [25, 50, 75])
-        arrays[f"center_{m}"], arrays[f"spread_{m}"] = np.asarray(q50), np.asarray(max(q75 - q25, 1e-12))
-    detector = Detector(method, 0.0, {k: np.asarray(v, np.float32 if np.ndim(v) else np.float64)
+    arrays["vim_origin"], arrays["vim_residual"] = origin, vecs[:, : d - principal]  # eigh: ascending
+    residual = np.linalg.norm(x @ arrays["vim_residual"], axis=1)
+    arrays["vim_alpha"] = np.asarray((p @ kernel + bias).max(-1).mean() / max(residual.mean(), 1e-12))
+    edges = np.cumsum([0, *widths])
+    for i in range(1, len(widths)):
+        b = f[:, edges[i]:edges[i + 1]]
+        arrays[f"block{i}_mean"] = b.mean(0)
+        arrays[f"block{i}_whiten"] = _whitening(b - b.mean(0), len(b) - 1)
+        arrays[f"center_block{i}"], arrays[f"spread_block{i}"] = np.asarray(0.0), np.asarray(1.0)
+    arrays["center_mahalanobis"], arrays["spread_mahalanobis"] = np.asarray(0.0), np.asarray(1.0)
+    # Standardize each distance by its median and interquartile range on the validation split, so that
+    # the blocks weigh the same in the mean.
+    vf = np.asarray(val_features, np.float64)
+    arrays["center_mahalanobis"], arrays["spread_mahalanobis"] = _median_spread(
+        _distance2(vf[:, :d], means, arrays["whiten"]).min(1))
+    for i in range(1, len(widths)):
+        v = vf[:, edges[i]:edges[i + 1]]
+        arrays[f"center_block{i}"], arrays[f"spread_block{i}"] = _median_spread(
+            _distance2(v, arrays[f"block{i}_mean"][None], arrays[f"block{i}_whiten"])[:, 0])
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    detector = Detector(method, 0.0, {k: v.astype(np.float32) if v.dtype.kind == "f" and v.ndim else v
                                       for k, v in arrays.items()}, {})
     val_score = detector.score(val_features, val_logits)
     threshold = threshold_for(val_score)
-    flagged = float((val_score > threshold).mean())
     return dataclasses.replace(detector, threshold=threshold, info={
-        "method": method, "knn_k": knn_k, "feature_dim": d, "train_features": int(len(f)),
-        "val_images": int(len(val_score)), "val_flagged_share": flagged, **(info or {})})
+        "method": method, "knn_k": knn_k, "blocks": [list(b) for b in blocks], "train_features": int(len(f)),
+        "val_images": int(len(val_score)), "val_flagged_share": float((val_score > threshold).mean()),
+        **(info or {})})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,12 +399,25 @@ def extractor_for(member, batch_size: int = 64) -> Extractor:
 
 
 def head_weights(member) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel, bias) of the dense layer whose input is the penultimate feature, for ViM."""
     import jax
 
+    return dense_of_head(jax.device_get(member.state.params), member.record["model"])
+
+
+def dense_of_head(params: dict, model_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The last dense layer (kernel, bias) in the parameters of a model's head module."""
     from jaxcell import models
 
-    head = jax.device_get(member.state.params[models.spec(member.record["model"]).head])
-    return np.asarray(head["kernel"]), np.asarray(head["bias"])
+    def last_dense(tree):
+        if "kernel" in tree:
+            return tree
+        found = [last_dense(v) for v in tree.values() if isinstance(v, dict)]
+        found = [f for f in found if f is not None]
+        return found[-1] if found else None
+
+    dense = last_dense(params[models.spec(model_name).head])
+    return np.asarray(dense["kernel"]), np.asarray(dense["bias"])
 
 
 def fit_workdir(workdir: str, checkpoint="best", method: str = DEFAULT_METHOD, views: int = AUGMENTED_VIEWS,
@@ -337,7 +446,7 @@ def fit_workdir(workdir: str, checkpoint="best", method: str = DEFAULT_METHOD, v
     val_images, _ = ds.splits["val"]
     val_features, val_logits = extract(val_images)
     detector = fit(np.concatenate(feats), np.concatenate(ys), val_features, val_logits, head_weights(member),
-                   len(member.record["class_names"]), method, info={
+                   len(member.record["class_names"]), extract.blocks, method, info={
                        "fitted_on": f"the training split of {ds.source} ({len(labels)} images"
                                     + (f", and {views} copies under the training augmentation" if augment and views
                                        else "") + ")",
