@@ -299,3 +299,21 @@ def test_a_cancelled_request_does_not_stop_the_batcher(engine):
     assert kept.result(timeout=0)[0]["class"] in engine.predictor.class_names
     (later,) = engine.submit(image[None])
     assert later.result(timeout=60)[0]["class"] in engine.predictor.class_names
+
+
+def test_a_detector_that_cannot_score_the_model_fails_at_start_up(engine):
+    """An ood.npz of another format (or model) is refused before the server listens, not on each request."""
+    import dataclasses
+
+    from jaxcell.errors import UserError
+    from jaxcell.serve.engine import Engine
+
+    class Stale:
+        threshold = 0.0
+
+        def score(self, features, logits):
+            raise KeyError("block_widths")
+
+    predictor = dataclasses.replace(engine.predictor, detector=Stale())
+    with pytest.raises(UserError, match="its OOD detector cannot score this model's features .*jaxcell ood --workdir"):
+        Engine(predictor, batch_size=1)

@@ -84,6 +84,10 @@ def create_app(engine, card: dict, *, token: str | None = None, max_upload_bytes
     async def refused(request: Request, error: BadRequest):
         return _error(error.status, error.message)
 
+    @app.exception_handler(Exception)
+    async def failed(request: Request, error: Exception):  # a bug, not the client's: still one JSON line
+        return _error(500, f"internal error: {type(error).__name__}: {error}")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         message = {404: f"no such endpoint: {request.url.path}",

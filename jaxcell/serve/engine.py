@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from jaxcell.errors import UserError
+
 log = logging.getLogger("jaxcell.serve")
 
 
@@ -84,7 +86,12 @@ class Engine:
         compile_seconds = time.perf_counter() - start
         start = time.perf_counter()
         for n in self.sizes:  # warm-up: first-run allocations happen now
-            self._run(np.zeros((n, *self.image_shape), np.uint8))
+            out = self._run(np.zeros((n, *self.image_shape), np.uint8))
+        try:  # and the answers once, so that a detector that cannot score this program's output fails now
+            predictor.answers(out["logits"], out.get("features"))
+        except Exception as error:  # noqa: BLE001  (an ood.npz of another format or model: KeyError, ValueError)
+            raise UserError(f"{predictor.source}: its OOD detector cannot score this model's features ({error!r}); "
+                            f"refit it with: jaxcell ood --workdir {predictor.source}") from error
         self.startup = {"compile_seconds": round(compile_seconds, 3),
                         "from_persistent_cache": events.hits == len(self.sizes) and events.misses == 0,
                         "warmup_seconds": round(time.perf_counter() - start, 3), "batch_size": batch_size,
