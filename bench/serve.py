@@ -74,7 +74,7 @@ def offline(workdir: str, paths: list[str], batch_size: int, cam: bool) -> dict:
     def once():
         images = load_images(paths, predictor.image_size)
         out = predictor.outputs(images, batch_size, cam=cam)
-        answers = predictor.answers(out["logits"], out.get("features"))
+        answers = predictor.answers(out["logits"], out.get("features"), out.get("detector_logits"))
         if cam:
             for image, m in zip(images, out["maps"]):
                 Image.fromarray(overlay(image, m)).save(io.BytesIO(), format="PNG")

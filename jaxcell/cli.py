@@ -521,7 +521,8 @@ def cmd_predict(args) -> int:
     images = load_images(args.images, predictor.image_size)
     out = predictor.outputs(images, args.batch_size)
     cams = _write_cams(args, predictor, images) if args.cam else [None] * len(args.images)
-    for path, answer, cam in zip(args.images, predictor.answers(out["logits"], out.get("features")), cams):
+    answers = predictor.answers(out["logits"], out.get("features"), out.get("detector_logits"))
+    for path, answer, cam in zip(args.images, answers, cams):
         # Keys without a value (no temperature, no detector) are left out, as before they existed.
         line = {"file": path, **{k: v for k, v in answer.items() if v is not None}}
         if cam:

@@ -3,8 +3,8 @@
     predictor = Predictor.load("runs/a")                  # a workdir (best checkpoint) ...
     predictor = Predictor.load("model.safetensors")       # ... or an exported file with its sidecar
     fn = predictor.program(cam=True)                      # pure: (variables, uint8 NHWC) -> outputs, jit-able
-    out = jax.jit(fn)(predictor.variables, images)        # {"logits", "features"?, "maps"?}
-    predictor.answers(out["logits"], out.get("features")) # per image: class, probabilities, OOD
+    out = jax.jit(fn)(predictor.variables, images)        # {"logits", "features"?, "detector_logits"?, "maps"?}
+    predictor.answers(out["logits"], out.get("features"), out.get("detector_logits"))   # class, p, OOD
     predictor.outputs(images, batch_size=64)               # the same program over many images, batched
 
 `probabilities` are the model's softmax; `calibrated_probabilities` are those after the temperature
@@ -88,9 +88,9 @@ class Predictor:
         return int(self.record["preprocessing"]["image_size"])
 
     def program(self, cam: bool = False, cam_layer: str | None = None, batch_size: int = 1):
-        """A pure function (variables, uint8 images (batch_size, S, S, 3)) -> {"logits", "features" when
-        there is a detector, "maps" (Grad-CAM of the predicted class, [0, 1]) with cam}. The batch size
-        only fixes the shape the Grad-CAM layer is looked up with; jit it for any batch."""
+        """A pure function (variables, uint8 images (batch_size, S, S, 3)) -> {"logits", "features" and
+        "detector_logits" when there is a detector, "maps" (Grad-CAM of the predicted class, [0, 1]) with
+        cam}. The batch size only fixes the shape the Grad-CAM layer is looked up with; jit it for any batch."""
         import jax
         import jax.numpy as jnp
 
@@ -106,14 +106,13 @@ class Predictor:
 
         def fn(variables, images):
             x = prepare(images, preprocessing)
-            out = {}
+            # The logits of the trainer's own eval step (torch-exact input normalization), whatever else runs.
+            out = {"logits": model.apply(variables, x, train=False)}
             if with_detector:  # what the detector scores, computed as when it was fitted (jaxcell.ood)
                 from jaxcell.ood import detector_inputs
 
-                out["features"], out["logits"] = detector_inputs(model, variables, images.astype(jnp.float32) / 255.0,
-                                                                 preprocessing)
-            else:
-                out["logits"] = model.apply(variables, x, train=False)
+                out["features"], out["detector_logits"] = detector_inputs(
+                    model, variables, images.astype(jnp.float32) / 255.0, preprocessing)
             if run is not None:
                 out["maps"] = run(variables, x)[0]
             return out
@@ -135,15 +134,17 @@ class Predictor:
             parts.append({k: np.asarray(v)[:n] for k, v in fn(self.variables, chunk).items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in (parts[0] if parts else {})}
 
-    def answers(self, logits: np.ndarray, features: np.ndarray | None = None) -> list[dict]:
+    def answers(self, logits: np.ndarray, features: np.ndarray | None = None,
+                detector_logits: np.ndarray | None = None) -> list[dict]:
         """Per image: class, probabilities, calibrated_probabilities, in_distribution, ood_score (each
-        None when there is no temperature, or no detector)."""
+        None when there is no temperature, or no detector). features, detector_logits: `program`'s
+        outputs of those names (the detector's own inputs)."""
         names = self.class_names
         raw = calibration.softmax(logits)
         calibrated = None if self.temperature is None else calibration.softmax(logits, self.temperature)
         scores = None
         if self.detector is not None and features is not None:
-            scores = self.detector.score(features, logits)
+            scores = self.detector.score(features, logits if detector_logits is None else detector_logits)
 
         def rounded(p):
             return {n: round(float(v), 6) for n, v in zip(names, p)}

@@ -208,7 +208,8 @@ def test_the_card_lists_the_evaluations_recorded_in_the_workdir(client, engine, 
                      "--out", out]) == 0
         (found,) = evaluations(serve_workdir, engine.predictor.step)
         report = json.load(open(out))
-        assert found["stain_shift"] == 0.03 and found["accuracy"] == report["accuracy"] and found["ece"] == report["ece"]
+        assert found["stain_shift"] == 0.03
+        assert found["accuracy"] == report["accuracy"] and found["ece"] == report["ece"]
     finally:
         os.remove(out)
 

@@ -88,7 +88,7 @@ class Engine:
         for n in self.sizes:  # warm-up: first-run allocations happen now
             out = self._run(np.zeros((n, *self.image_shape), np.uint8))
         try:  # and the answers once, so that a detector that cannot score this program's output fails now
-            predictor.answers(out["logits"], out.get("features"))
+            predictor.answers(out["logits"], out.get("features"), out.get("detector_logits"))
         except Exception as error:  # noqa: BLE001  (an ood.npz of another format or model: KeyError, ValueError)
             raise UserError(f"{predictor.source}: its OOD detector cannot score this model's features ({error!r}); "
                             f"refit it with: jaxcell ood --workdir {predictor.source}") from error
@@ -149,7 +149,8 @@ class Engine:
         try:
             out = self._run(batch)
             n = len(items)
-            answers = self.predictor.answers(out["logits"][:n], out["features"][:n] if "features" in out else None)
+            answers = self.predictor.answers(*(out[k][:n] if k in out else None
+                                               for k in ("logits", "features", "detector_logits")))
         except Exception as error:  # noqa: BLE001  a failure is every waiting request's, not the worker's end
             log.exception("batch failed")
             for item in items:
