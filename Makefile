@@ -16,7 +16,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[torch,cpu,test]"
+	$(BIN)/pip install --quiet -e ".[torch,cpu,serve,test]"
 	touch $@
 
 # Synthetic smears already draw their stain colours per image from one distribution for every

@@ -4,9 +4,12 @@
     jaxcell train     --recipe NAME --data DIR --workdir DIR [flags overriding the recipe]
     jaxcell recipes
     jaxcell evaluate  --workdir DIR [--workdir DIR ...] [--data DIR] [--split test] [--tta]
-                      [--stain-shift S] [--fit-temperature] [--out report.json]
+                      [--stain-shift S] [--fit-temperature] [--ood-data FOLDER] [--out report.json]
     jaxcell predict   --workdir DIR [--cam OUTDIR] IMAGE...
-    jaxcell report    --workdir DIR --out report.html [--data DIR] [--split test]
+    jaxcell serve     --workdir DIR | --weights FILE [--host 127.0.0.1] [--port 8000] [--token T]
+                      [--max-upload-mb 20]
+    jaxcell ood       --workdir DIR [--method combined] [--views 2]
+    jaxcell report    --workdir DIR --out report.html [--data DIR] [--split test] [--ood-data FOLDER]
     jaxcell audit     --data DIR [--json FILE]
     jaxcell table     --workdir DIR [--workdir DIR ...] [--split val] [--shift 0.03] [--markdown FILE]
     jaxcell parity    --model NAME [--image-size N] [--batch N] [--seed N] [--train-steps N]
@@ -85,6 +88,8 @@ def _evaluation_args(e: argparse.ArgumentParser, ensemble: bool) -> None:
                    help="evaluate on HED stain-shifted copies of the images (strength S, e.g. 0.03)")
     e.add_argument("--stain-seed", type=int, default=0, help="the fixed seed of --stain-shift")
     e.add_argument("--cache-dir")
+    e.add_argument("--ood-data", metavar="FOLDER",
+                   help="also measure the OOD detector: these images (any layout) against the evaluated ones")
 
 
 def add_run_args(t: argparse.ArgumentParser) -> None:
@@ -155,6 +160,8 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --workdir")
     t.add_argument("--cache-dir", help="where decoded datasets are cached (default ~/.cache/jaxcell)")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-ood", action="store_true",
+                   help="do not fit the out-of-distribution detector at the end (jaxcell ood fits it later)")
     t.add_argument("--coordinator-address", metavar="HOST:PORT",
                    help="multi-host: the address of process 0 (with --num-processes and --process-id); "
                         "under SLURM or Open MPI these are detected")
@@ -209,6 +216,37 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     p.add_argument("--cam", metavar="OUTDIR", help="also write a Grad-CAM overlay PNG per image here")
     p.add_argument("--cam-layer", help="the layer for --cam (flax or torch module path); default per model")
     p.add_argument("images", nargs="+", metavar="IMAGE")
+
+    v = sub.add_parser("serve", help="serve a trained model over HTTP: a page, /predict, /model, /health")
+    source = v.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a trained workdir")
+    source.add_argument("--weights", metavar="FILE",
+                        help="an exported .safetensors (or .pt) with its sidecar FILE.json")
+    v.add_argument("--checkpoint", default="best", help="with --workdir: best, last or a step number")
+    v.add_argument("--host", default="127.0.0.1", help="any address but loopback needs --token")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every request but /health "
+                                   "(default: $JAXCELL_TOKEN)")
+    v.add_argument("--max-upload-mb", type=float, default=20, metavar="MB", help="the largest image file accepted")
+    v.add_argument("--max-megapixels", type=float, default=50, metavar="MP",
+                   help="the largest image accepted, read from its header before decoding")
+    v.add_argument("--batch-size", type=positive, default=16,
+                   help="the largest compiled batch (1, 2, 4, ... up to it are compiled): concurrent requests share it")
+    v.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
+                   help="how long a batch waits for more requests before it runs")
+    v.add_argument("--cam-layer", help="the Grad-CAM layer (flax or torch module path); default per model")
+    v.add_argument("--no-compile-cache", action="store_true",
+                   help="do not keep the compiled program in JAX's persistent cache (~/.cache/jaxcell/xla)")
+
+    o = sub.add_parser("ood", help="fit the out-of-distribution detector of a trained workdir (ood.json, ood.npz)")
+    o.add_argument("--workdir", required=True)
+    o.add_argument("--checkpoint", default="best", help="best, last or a step number")
+    o.add_argument("--method", default=None, help="the score: msp, energy, mahalanobis, knn, vim, combined "
+                                                  "(default combined)")
+    o.add_argument("--views", type=non_negative_int, default=None, metavar="N",
+                   help="augmented copies of the training split to fit on besides the clean one (default 2)")
+    o.add_argument("--batch-size", type=positive, default=64)
+    o.add_argument("--cache-dir")
 
     q = sub.add_parser("parity", help="layer-by-layer comparison of the JAX model with its torch twin")
     q.add_argument("--model", required=True)
@@ -368,30 +406,35 @@ def cmd_train(args) -> int:
     last = result.history[-1] if result.history else {}
     print(f"trained {args.model} in {result.seconds:.1f}s; last val accuracy "
           f"{last.get('val_accuracy', float('nan')):.4f}; workdir {args.workdir}")
+    if not args.no_ood and "val" in dataset.splits and len(dataset.splits["val"][1]):
+        _fit_ood(args.workdir, "best", None, None, args.batch_size, args.cache_dir, dataset)
     return 0
 
 
-def _restore(args):
-    from jaxcell.train import read_config, restore_for_inference
+def _fit_ood(workdir, checkpoint, method, views, batch_size, cache_dir, dataset=None) -> None:
+    from jaxcell import ood
+    from jaxcell.evaluate import Datasets
 
-    record = read_config(args.workdir)
-    if args.model and args.model != record["model"]:
-        raise UserError(f"{args.workdir} holds a {record['model']!r} model, not {args.model!r}")
-    which = int(args.checkpoint) if str(args.checkpoint).isdigit() else args.checkpoint
-    if which not in ("best", "last") and not isinstance(which, int):
-        raise UserError(f"--checkpoint must be best, last or a step number, not {args.checkpoint!r}")
-    return restore_for_inference(args.workdir, which)
+    datasets = None
+    if dataset is not None:  # the data train just loaded: no second decode
+        from jaxcell import data
+        from jaxcell.train import read_config
+
+        t = read_config(workdir)["train"]
+        datasets = Datasets(cache_dir)
+        datasets.loaded[(t["data"], t["image_size"], data.split_seed(t), t["synthetic_examples"])] = dataset
+    detector = ood.fit_workdir(workdir, checkpoint, method or ood.DEFAULT_METHOD,
+                               ood.AUGMENTED_VIEWS if views is None else views, batch_size, datasets, cache_dir,
+                               log=print)
+    d = detector.describe()
+    print(f"OOD detector ({d['method']}) fitted on {d['fitted_on']}; threshold {d['threshold']:.4g} flags "
+          f"{d['val_flagged_share']:.2%} of {d['threshold_set_on']}; written to "
+          f"{os.path.join(workdir, ood.OOD_FILE)}")
 
 
-def _probabilities(eval_step, state, images, batch_size, placement):
-    import numpy as np
-
-    from jaxcell.train import predict_logits
-
-    logits = predict_logits(eval_step, state, images, batch_size, placement)
-    logits = logits - logits.max(-1, keepdims=True)
-    p = np.exp(logits)
-    return p / p.sum(-1, keepdims=True)
+def cmd_ood(args) -> int:
+    _fit_ood(args.workdir, args.checkpoint, args.method, args.views, args.batch_size, args.cache_dir)
+    return 0
 
 
 def _run_evaluation(args, workdirs: list[str], calibrate: bool = True, refit: bool = False, resamples: int = 1000):
@@ -408,6 +451,14 @@ def cmd_evaluate(args) -> int:
 
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap must be 0 or more, got {args.bootstrap}")
+    if args.ood_data and len(args.workdir) > 1:
+        raise UserError("--ood-data measures one workdir's OOD detector; give a single --workdir")
+    if args.ood_data:
+        from jaxcell import ood
+
+        ood.require(args.workdir[0])  # before the evaluation's work, not after it
+        if not os.path.isdir(args.ood_data):
+            raise UserError(f"--ood-data {args.ood_data}: not a folder")
     evaluation = _run_evaluation(args, args.workdir, calibrate=not args.no_calibration,
                                  refit=args.fit_temperature, resamples=args.bootstrap)
     result = evaluation.result
@@ -415,6 +466,13 @@ def cmd_evaluate(args) -> int:
         f", stain-shifted (HED {args.stain_shift}, seed {args.stain_seed})" if args.stain_shift else "")
     print(f"{result['model']} on {result['data']}{conditions}")
     print(format_evaluation(result))
+    if args.ood_data:
+        from jaxcell import ood
+
+        m = ood.measure(evaluation.members[0], evaluation.images, evaluation.labels, args.ood_data,
+                        result["data"] + conditions, args.batch_size)
+        result["ood"] = m.result
+        print(ood.format_measurement(m.result))
     if args.out:
         _write_json(args.out, result, "report")
     return 0
@@ -425,8 +483,16 @@ def cmd_report(args) -> int:
 
     if not args.out.lower().endswith((".html", ".htm")):
         raise UserError(f"--out {args.out}: the report is an HTML file; name it *.html")
+    from jaxcell import ood
+
+    if args.ood_data:
+        ood.require(args.workdir)
     evaluation = _run_evaluation(args, [args.workdir])
-    written = write_report(evaluation, args.out, cams=args.cams)
+    measurement = None
+    if ood.load(args.workdir) is not None:
+        measurement = ood.measure(evaluation.members[0], evaluation.images, evaluation.labels, args.ood_data,
+                                  evaluation.result["data"], args.batch_size)
+    written = write_report(evaluation, args.out, cams=args.cams, ood=measurement)
     print(f"report written to {written[0]} (figures beside it: "
           + ", ".join(os.path.basename(p) for p in written[1:]) + ")")
     return 0
@@ -459,36 +525,36 @@ def cmd_audit(args) -> int:
 
 def cmd_predict(args) -> int:
     from jaxcell.data.images import load_images
+    from jaxcell.inference import Predictor
 
-    state, record, eval_step, placement = _restore(args)
-    images = load_images(args.images, record["preprocessing"]["image_size"])
-    probabilities = _probabilities(eval_step, state, images, args.batch_size, placement)
-    names = record["class_names"]
-    cams = _write_cams(args, state, record, images) if args.cam else [None] * len(args.images)
-    for path, p, cam in zip(args.images, probabilities, cams):
-        line = {"file": path, "class": names[int(p.argmax())],
-                "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)}}
+    predictor = Predictor.load(args.workdir, args.checkpoint, args.model,
+                               log=lambda message: print(f"jaxcell predict: {message}", file=sys.stderr))
+    images = load_images(args.images, predictor.image_size)
+    out = predictor.outputs(images, args.batch_size)
+    cams = _write_cams(args, predictor, images) if args.cam else [None] * len(args.images)
+    answers = predictor.answers(out["logits"], out.get("features"), out.get("detector_logits"))
+    for path, answer, cam in zip(args.images, answers, cams):
+        # Keys without a value (no temperature, no detector) are left out, as before they existed.
+        line = {"file": path, **{k: v for k, v in answer.items() if v is not None}}
         if cam:
             line["cam"] = cam
         print(json.dumps(line))
     return 0
 
 
-def _write_cams(args, state, record, images) -> list[str]:
+def _write_cams(args, predictor, images) -> list[str]:
     """Grad-CAM overlays of the predicted class, one PNG per image in args.cam."""
     from PIL import Image
 
-    from jaxcell import models
     from jaxcell.explain import gradcam, overlay
     from jaxcell.train import prepare
 
     os.makedirs(args.cam, exist_ok=True)
-    model = models.create(record["model"], **record["model_kwargs"])
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
     paths = []
     for start in range(0, len(images), args.batch_size):
         chunk = images[start:start + args.batch_size]
-        cam = gradcam(model, variables, prepare(chunk, record["preprocessing"]), target_layer=args.cam_layer)
+        cam = gradcam(predictor.model, predictor.variables, prepare(chunk, predictor.record["preprocessing"]),
+                      target_layer=args.cam_layer)
         for k, image in enumerate(chunk):
             i = start + k
             stem = os.path.splitext(os.path.basename(args.images[i]))[0]
@@ -496,6 +562,12 @@ def _write_cams(args, state, record, images) -> list[str]:
             Image.fromarray(overlay(image, cam.maps[k])).save(path)
             paths.append(path)
     return paths
+
+
+def cmd_serve(args) -> int:
+    from jaxcell import serve
+
+    return serve.command(args)
 
 
 def cmd_parity(args) -> int:
@@ -558,7 +630,8 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"train": cmd_train, "recipes": cmd_recipes, "evaluate": cmd_evaluate, "report": cmd_report,
             "audit": cmd_audit, "table": cmd_table,
-            "predict": cmd_predict, "parity": cmd_parity, "export": cmd_export, "import": cmd_import,
+            "predict": cmd_predict, "ood": cmd_ood, "serve": cmd_serve, "parity": cmd_parity, "export": cmd_export,
+            "import": cmd_import,
             "summary": cmd_summary, "bench": cmd_bench}
 
 

@@ -121,20 +121,19 @@ def _calls(model, variables, x) -> list[tuple[str, tuple]]:
     return calls
 
 
-def gradcam(model, variables, images, target_layer: str | None = None, class_index=None) -> CamResult:
-    """Grad-CAM maps for a batch. images: the model's input (preprocessed float32 NHWC).
-
-    class_index: None (each image's predicted class), an int, or one int per image.
-    """
+def cam_function(model, variables, x_like, target_layer: str | None = None, class_index=None):
+    """(layer path, fn) with fn(variables, x) -> (maps, raw, class_index, logits): Grad-CAM as a
+    pure function of the parameters and a batch of images of `x_like`'s size (any number of them
+    when class_index is None), not yet jitted, so that a caller can compile it inside a larger
+    program (`jaxcell serve`). Arguments as `gradcam`."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from jaxcell.preprocessing import resize
 
-    x = jnp.asarray(images, jnp.float32)
-    n, height, width = x.shape[:3]
-    calls = _calls(model, variables, x)
+    n, height, width = x_like.shape[:3]
+    calls = _calls(model, variables, x_like)
     path = choose_layer(calls, registered_name(model), target_layer)
     shapes = [s for p, s in calls if p == path]
     if len(shapes) != 1:
@@ -159,9 +158,8 @@ def gradcam(model, variables, images, target_layer: str | None = None, class_ind
         chosen = jnp.take_along_axis(logits, cls[:, None], axis=1).sum()
         return chosen, (captured[0], logits, cls)
 
-    @jax.jit
     def run(variables, x):
-        delta = jnp.zeros(shapes[0], x.dtype)
+        delta = jnp.zeros((x.shape[0], *shapes[0][1:]), x.dtype)  # any batch size, not only x_like's
         grads, (act, logits, cls) = jax.grad(score, has_aux=True)(delta, variables, x)
         if act.ndim == 3:  # tokens -> grid, row by row as they were flattened
             g = _grid_side(act.shape)
@@ -173,7 +171,20 @@ def gradcam(model, variables, images, target_layer: str | None = None, class_ind
         maps = jnp.where(top > 0, up / jnp.where(top > 0, top, 1), 0.0)
         return maps, raw, cls, logits
 
-    maps, raw, cls, logits = run(variables, x)
+    return path, run
+
+
+def gradcam(model, variables, images, target_layer: str | None = None, class_index=None) -> CamResult:
+    """Grad-CAM maps for a batch. images: the model's input (preprocessed float32 NHWC).
+
+    class_index: None (each image's predicted class), an int, or one int per image.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray(images, jnp.float32)
+    path, run = cam_function(model, variables, x, target_layer, class_index)
+    maps, raw, cls, logits = jax.jit(run)(variables, x)
     return CamResult(np.asarray(maps), np.asarray(raw), np.asarray(cls), np.asarray(logits), path)
 
 

@@ -61,14 +61,13 @@ def default_metadata(name: str, model_kwargs: dict, num_classes: int) -> dict:
             "preprocessing": {**models.spec(name).preprocessing, "image_size": image_size}}
 
 
-def import_torch(path: str, workdir: str, model: str | None = None, model_kwargs: dict | None = None,
-                 overwrite: bool = False, format: str | None = None) -> dict:
-    """Make a jaxcell workdir from a torch_ref state dict (.safetensors, .pt/.pth). The model name
-    and arguments come from the sidecar when there is one (`model` must then agree), else from
-    `model` and `model_kwargs` (num_classes read from the weights). Returns the config record."""
+def read_torch(path: str, model: str | None = None, model_kwargs: dict | None = None,
+               format: str | None = None) -> tuple[dict, dict]:
+    """(metadata, flax variables) of a torch_ref state dict (.safetensors, .pt/.pth): the model name
+    and arguments from the sidecar when there is one (`model` must then agree), else from `model`
+    and `model_kwargs` (num_classes read from the weights). Nothing is written."""
     import parity
     from parity.convert import _resolve_kwargs
-    from jaxcell.train import CONFIG_FILE, TrainConfig, init_state, make_optimizer, prepare_workdir
     from torch_ref import io
 
     metadata = io.read_metadata(path, required=False)
@@ -87,8 +86,18 @@ def import_torch(path: str, workdir: str, model: str | None = None, model_kwargs
         shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
         kw = _resolve_kwargs(name, dict(model_kwargs or {}), shapes, "torch")
         metadata = default_metadata(name, kw, kw["num_classes"])
+    return metadata, parity.torch_to_flax(name, state_dict, **dict(metadata["model_kwargs"]))
+
+
+def import_torch(path: str, workdir: str, model: str | None = None, model_kwargs: dict | None = None,
+                 overwrite: bool = False, format: str | None = None) -> dict:
+    """Make a jaxcell workdir from a torch_ref state dict (.safetensors, .pt/.pth); see `read_torch`
+    for where the model's name and arguments come from. Returns the config record."""
+    from jaxcell.train import CONFIG_FILE, TrainConfig, init_state, make_optimizer, prepare_workdir
+
+    metadata, variables = read_torch(path, model, model_kwargs, format)
+    name = metadata["model"]
     kw = dict(metadata["model_kwargs"])
-    variables = parity.torch_to_flax(name, state_dict, **kw)
 
     image_size = int(kw["image_size"])
     extra = {k: v for k, v in kw.items() if k not in ("num_classes", "image_size")}

@@ -1,6 +1,7 @@
 """`jaxcell report`: one self-contained HTML page about a trained model, for readers who will
 not run code: the metrics with their uncertainty, the confusion matrix, ROC curves, a
-reliability diagram, the training curves and Grad-CAM maps of right and wrong cases.
+reliability diagram, the training curves, Grad-CAM maps of right and wrong cases and, when the run
+has an out-of-distribution detector, the distribution of its scores (jaxcell.ood).
 
 Every figure is a PNG embedded as base64 (the page needs no other file and no network) and is
 also written beside the HTML as <stem>_<figure>.png. Plots use matplotlib's object API with the
@@ -170,6 +171,38 @@ def gradcam_tiles(evaluation: Evaluation, indices: np.ndarray, batch: int = 16) 
     return tiles
 
 
+def ood_figure(inside: np.ndarray, foreign: np.ndarray | None, threshold: float, method: str):
+    """Histograms of the detector's score: the evaluated images, the foreign ones, the threshold."""
+    fig = _figure(6.4, 3.4)
+    ax = fig.add_subplot()
+    values = [inside] + ([foreign] if foreign is not None and len(foreign) else [])
+    lo, hi = min(v.min() for v in values), max(v.max() for v in values)
+    lo, hi = min(lo, threshold), max(hi, threshold)
+    bins = np.linspace(lo, hi + 1e-9, 41)
+    ax.hist(inside, bins, alpha=0.6, density=True, label=f"evaluated images ({len(inside)})")
+    if len(values) > 1:
+        ax.hist(foreign, bins, alpha=0.6, density=True, label=f"foreign images ({len(foreign)})")
+    ax.axvline(threshold, color="k", linestyle="--", label="threshold (flagged to the right)")
+    ax.set_xlabel(f"OOD score ({method}; higher = more foreign)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _ood_rows(o: dict) -> list[list[str]]:
+    d, inside = o["detector"], o["in_distribution"]
+    rows = [["detector", f"{d['method']}, threshold {d['threshold']:.4g}"],
+            ["fitted on", str(d.get("fitted_on", ""))],
+            ["threshold set on", str(d.get("threshold_set_on", ""))],
+            ["evaluated images flagged", f"{inside['flagged_share']:.2%} of {inside['images']}"],
+            ["accuracy: all / accepted images", f"{_fmt(inside['accuracy'])} / {_fmt(inside['accuracy_accepted'])}"]]
+    if "foreign" in o:
+        f = o["foreign"]
+        rows += [["foreign images flagged", f"{f['flagged_share']:.2%} of {f['images']} ({f['data']})"],
+                 ["AUROC / FPR at 95% TPR", f"{o['auroc']:.4f} / {o['fpr_at_95_tpr']:.4f}"]]
+    return rows
+
+
 def _fmt(v, digits=4) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
@@ -206,8 +239,10 @@ th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%;display:
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em 1em}figure{margin:1em 0}"""
 
 
-def write_report(evaluation: Evaluation, out: str, history: list[dict] | None = None, cams: int = 8) -> list[str]:
-    """Write the HTML page and its PNG figures; returns the paths written (HTML first)."""
+def write_report(evaluation: Evaluation, out: str, history: list[dict] | None = None, cams: int = 8,
+                 ood=None) -> list[str]:
+    """Write the HTML page and its PNG figures; returns the paths written (HTML first). ood: a
+    jaxcell.ood.Measurement of the evaluated images (and foreign ones), or None."""
     r = evaluation.result
     names = r["class_names"]
     labels, probs = evaluation.labels, evaluation.probabilities
@@ -226,6 +261,9 @@ def write_report(evaluation: Evaluation, out: str, history: list[dict] | None = 
     ]
     if history:
         figures.append(("training", "Training curves", training_figure(history)))
+    if ood is not None:
+        figures.append(("ood", "Out-of-distribution scores", ood_figure(ood.inside, ood.foreign, ood.threshold,
+                                                                         ood.result["detector"]["method"])))
     notes = []
     if cams:
         cases = pick_cases(labels, probs, cams)
@@ -268,6 +306,7 @@ def write_report(evaluation: Evaluation, out: str, history: list[dict] | None = 
         "".join(f'<p class="note">{html.escape(c)}</p>' for c in caveats if c),
         "<h2>Metrics</h2>", _table(["metric", "value"], [list(row) for row in _metrics_rows(r)]),
         "<h2>Per class</h2>", _table(["class", "precision", "recall", "F1", "support", "ROC-AUC"], per_class),
+        *(["<h2>Out-of-distribution detection</h2>", _table(["", "value"], _ood_rows(ood.result))] if ood else []),
         *sections,
         *(f"<p>{html.escape(n)}</p>" for n in notes),
     ]

@@ -11,10 +11,15 @@ import pytest  # noqa: E402
 DEV_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "all4class-dev")
 
 
+def dev_data_path() -> str:
+    """Where the real development subset is looked for (it may be absent)."""
+    return os.path.abspath(os.environ.get("JAXCELL_DEV_DATA", DEV_DATA))
+
+
 @pytest.fixture(scope="session")
 def dev_data() -> str:
     """The real development subset, when it is beside the checkout."""
-    path = os.path.abspath(os.environ.get("JAXCELL_DEV_DATA", DEV_DATA))
+    path = dev_data_path()
     if not os.path.isdir(path):
         pytest.skip(f"real data not found at {path} (set JAXCELL_DEV_DATA)")
     return path

@@ -27,27 +27,50 @@ _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 _INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
-def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Read one image file as uint8 RGB of shape (size, size, 3)."""
+class ImageTooLarge(UserError):
+    """An image with more pixels than the caller allows (a decompression bomb, or just too big)."""
+
+
+def open_image(source, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode one image (a path or a binary file object; `name` for messages) as an RGB PIL image.
+
+    max_pixels: refuse larger images from their header, before their pixels are decoded (PIL's
+    own limit, Image.MAX_IMAGE_PIXELS, refuses at twice its value and only warns below)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise ImageTooLarge(f"{name}: {im.width}x{im.height} pixels, more than the "
+                                    f"{max_pixels:,} allowed")
             im.load()  # decode now, so truncated files fail here and not later
-            im = _to_rgb(ImageOps.exif_transpose(im) if im.getexif().get(0x0112) else im)
+            return _to_rgb(ImageOps.exif_transpose(im) if im.getexif().get(0x0112) else im)
+    except UserError:
+        raise
     except FileNotFoundError:
-        raise UserError(f"image file not found: {path}") from None
+        raise UserError(f"image file not found: {name}") from None
     except IsADirectoryError:
-        raise UserError(f"expected an image file, found a folder: {path}") from None
+        raise UserError(f"expected an image file, found a folder: {name}") from None
     except PermissionError:
-        raise UserError(f"cannot read image file (permission denied): {path}") from None
+        raise UserError(f"cannot read image file (permission denied): {name}") from None
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{name}: {e}") from None
     except Image.UnidentifiedImageError:
-        raise UserError(f"not an image file (PIL cannot identify it): {path}") from None
+        raise UserError(f"not an image file (PIL cannot identify it): {name}") from None
     except Exception as e:  # PIL reports corrupt data as OSError, SyntaxError, ValueError, ...
-        raise UserError(f"cannot decode image file {path}: {e}") from e
+        raise UserError(f"cannot decode image file {name}: {e}") from e
+
+
+def resize_square(im: Image.Image, size: int) -> np.ndarray:
+    """An RGB PIL image as uint8 (size, size, 3): bilinear (antialiased when shrinking), stretched."""
     if im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BILINEAR)
     out = np.asarray(im, dtype=np.uint8)
-    assert out.shape == (size, size, 3), (path, out.shape)
+    assert out.shape == (size, size, 3), out.shape
     return out
+
+
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Read one image file as uint8 RGB of shape (size, size, 3)."""
+    return resize_square(open_image(path, str(path)), size)
 
 
 def load_images(paths: Sequence[str | os.PathLike], size: int, workers: int | None = None) -> np.ndarray:

@@ -1,0 +1,201 @@
+"""`jaxcell serve` under load, against offline `jaxcell predict` on the same images in the same run.
+
+    python bench/serve.py --workdir runs/r [--images DIR] [--clients 16] [--requests 50] [--json out.json]
+
+1. Offline: the code path of `jaxcell predict` (decode the files, one compiled program over batches of
+   --offline-batch-size, the answers) over the very images the clients will send, timed after a
+   warm-up; and the same with Grad-CAM overlays encoded as PNG, which the server does for every image.
+2. Served: `jaxcell serve` in a subprocess on loopback; --clients threads each send --requests
+   single-image POST /predict requests one after another. Errors (any status but 200, any exception)
+   are counted; latency is per request, from send to parsed answer.
+
+Bounded: every request has a timeout and the clients stop at --max-seconds. Throughput is images per
+second; the ratio served / offline is the figure of merit (goal >= 0.8). A shared machine makes every
+absolute figure noisy; both sides run in one invocation so that their ratio is fair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def image_files(folder: str | None, count: int, tmp: str) -> list[str]:
+    if folder:
+        found = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs
+                       if f.lower().endswith(IMAGE_SUFFIXES))
+        if not found:
+            raise SystemExit(f"no images in {folder}")
+        step = max(1, len(found) // count)
+        return found[::step][:count]
+    from PIL import Image
+
+    from jaxcell.data import synthetic
+
+    images, _ = synthetic.make_smears(count, 224, seed=0)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(os.path.join(tmp, f"smear{i:03d}.png"))
+        Image.fromarray(np.asarray(image)).save(paths[-1])
+    return paths
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def offline(workdir: str, paths: list[str], batch_size: int, cam: bool) -> dict:
+    """`jaxcell predict`'s path over `paths`: images per second after one warm-up pass."""
+    import io
+
+    from PIL import Image
+
+    from jaxcell.data.images import load_images
+    from jaxcell.explain import overlay
+    from jaxcell.inference import Predictor
+
+    predictor = Predictor.load(workdir)
+
+    def once():
+        images = load_images(paths, predictor.image_size)
+        out = predictor.outputs(images, batch_size, cam=cam)
+        answers = predictor.answers(out["logits"], out.get("features"), out.get("detector_logits"))
+        if cam:
+            for image, m in zip(images, out["maps"]):
+                Image.fromarray(overlay(image, m)).save(io.BytesIO(), format="PNG")
+        return answers
+
+    once()  # compiles
+    start, cpu = time.perf_counter(), time.process_time()
+    once()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"images": len(paths), "seconds": round(seconds, 3), "images_per_second": round(len(paths) / seconds, 2),
+            "cpu_seconds": round(cpu, 2), "batch_size": batch_size, "grad_cam": cam}
+
+
+def served(workdir: str, paths: list[str], clients: int, requests: int, batch_size: int, max_seconds: float) -> dict:
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    server = subprocess.Popen([sys.executable, "-m", "jaxcell.cli", "serve", "--workdir", workdir, "--port", str(port),
+                               "--batch-size", str(batch_size)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    startup = []
+    try:
+        for line in server.stdout:  # up when it says it listens
+            startup.append(line.rstrip())
+            if "listening on" in line:
+                break
+        else:
+            raise SystemExit("jaxcell serve ended before listening:\n" + "\n".join(startup))
+        for _ in range(100):
+            try:
+                httpx.get(url + "/health", timeout=2).raise_for_status()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        payloads = [(os.path.basename(p), open(p, "rb").read()) for p in paths]
+        latencies: list[float] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+        deadline = time.monotonic() + max_seconds
+
+        def client(k: int):
+            with httpx.Client(base_url=url, timeout=60) as c:
+                for i in range(requests):
+                    if time.monotonic() > deadline:
+                        with lock:
+                            errors.append("stopped at --max-seconds")
+                        return
+                    name, data = payloads[(k * requests + i) % len(payloads)]
+                    t = time.perf_counter()
+                    try:
+                        r = c.post("/predict", files={"image": (name, data)})
+                        ok = r.status_code == 200 and len(r.json()["results"]) == 1
+                        problem = None if ok else f"HTTP {r.status_code}: {r.text[:200]}"
+                    except Exception as error:  # noqa: BLE001  counted, not fatal
+                        problem = repr(error)
+                    with lock:
+                        (errors.append(problem) if problem else latencies.append(time.perf_counter() - t))
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - start
+        server_cpu, client_cpu = cpu_seconds(server.pid) - server_cpu, time.process_time() - client_cpu
+        health = httpx.get(url + "/health", timeout=5).json()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    ms = np.array(latencies) * 1000
+    return {"clients": clients, "requests_per_client": requests, "ok": len(latencies), "errors": len(errors),
+            "first_errors": errors[:5], "seconds": round(seconds, 3),
+            "images_per_second": round(len(latencies) / seconds, 2),
+            "latency_ms": {"p50": round(float(np.percentile(ms, 50)), 1), "p95": round(float(np.percentile(ms, 95)), 1),
+                           "max": round(float(ms.max()), 1)} if len(ms) else None,
+            # Where the machine's time went: the clients share its cores with the server.
+            "cpu_seconds": {"server": round(server_cpu, 2), "clients": round(client_cpu, 2)},
+            "device_batches": health["batches"], "mean_batch": round(health["images"] / max(health["batches"], 1), 2),
+            "batch_size": batch_size, "startup": startup}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--images", help="a folder of images (default: 64 synthetic smears at 224 px)")
+    parser.add_argument("--distinct", type=int, default=64, help="distinct images, cycled over the requests")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=50, help="per client")
+    parser.add_argument("--batch-size", type=int, default=16, help="the server's compiled batch")
+    parser.add_argument("--offline-batch-size", type=int, default=64, help="jaxcell predict's default")
+    parser.add_argument("--max-seconds", type=float, default=600)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        distinct = image_files(args.images, args.distinct, tmp)
+        total = args.clients * args.requests
+        paths = [distinct[i % len(distinct)] for i in range(total)]  # the requests' images, in one list
+        result = {"workdir": os.path.abspath(args.workdir), "images": args.images or "synthetic smears, 224 px",
+                  "distinct_images": len(distinct)}
+        result["offline"] = offline(args.workdir, paths, args.offline_batch_size, cam=False)
+        result["offline_grad_cam"] = offline(args.workdir, paths, args.offline_batch_size, cam=True)
+        result["served"] = served(args.workdir, distinct, args.clients, args.requests, args.batch_size,
+                                  args.max_seconds)
+    s = result["served"]["images_per_second"]
+    result["ratio_to_offline"] = round(s / result["offline"]["images_per_second"], 3)
+    result["ratio_to_offline_grad_cam"] = round(s / result["offline_grad_cam"]["images_per_second"], 3)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0 if result["served"]["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

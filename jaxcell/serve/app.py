@@ -1,0 +1,128 @@
+"""The HTTP application (FastAPI): the page, the model card, health, and predictions.
+
+    GET  /          the page (page.html, page.css, page.js from this package; no build step, no CDN)
+    GET  /model     the model card (jaxcell.serve.card)
+    GET  /health    {"status": "ok", ...}; the only route that never needs the token
+    POST /predict   multipart/form-data, one or more fields "image"; one answer per image
+
+Every refusal is JSON, {"error": "one line naming the problem"}, with a 4xx status. No route
+takes a file path, and uploads stay in memory (jaxcell.serve.uploads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import secrets
+from importlib import resources
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jaxcell.data.images import ImageTooLarge, open_image, resize_square
+from jaxcell.errors import UserError
+from jaxcell.serve.uploads import BadRequest, read_images
+
+OPEN_PATHS = {"/health"}   # served without the token
+DISPLAY_SIDE = 256         # the Grad-CAM overlay is drawn on the upload shrunk to at most this many pixels a side
+PAGE_FILES = {"/": ("page.html", "text/html; charset=utf-8"), "/page.css": ("page.css", "text/css; charset=utf-8"),
+              "/page.js": ("page.js", "text/javascript; charset=utf-8")}
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _png_data_url(image: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)  # a small picture: speed over bytes
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode(files: list[tuple[str, bytes]], image_size: int,
+           max_pixels: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, the model's input (S, S, 3) uint8, a display copy) per upload; the first bad one is refused."""
+    out = []
+    for name, data in files:
+        try:
+            im = open_image(io.BytesIO(data), name, max_pixels)
+        except ImageTooLarge as error:
+            raise BadRequest(413, str(error)) from None
+        except UserError as error:
+            raise BadRequest(422, str(error)) from None
+        display = im.copy()
+        display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
+        out.append((name, resize_square(im, image_size), np.asarray(display, np.uint8)))
+    return out
+
+
+def create_app(engine, card: dict, *, token: str | None = None, max_upload_bytes: int = 20 * 2**20,
+               max_files: int = 32, max_pixels: int = 50_000_000) -> FastAPI:
+    from jaxcell.explain import overlay
+
+    app = FastAPI(title="jaxcell", version=card["version"], docs_url=None, redoc_url=None, openapi_url=None)
+    pages = {path: (resources.files("jaxcell.serve").joinpath("static", name).read_bytes(), media)
+             for path, (name, media) in PAGE_FILES.items()}
+    expected = None if token is None else f"Bearer {token}".encode()
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next):
+        if expected is not None and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "").encode()
+            if not secrets.compare_digest(given, expected):
+                return _error(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'",
+                              {"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.exception_handler(BadRequest)
+    async def refused(request: Request, error: BadRequest):
+        return _error(error.status, error.message)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, error: Exception):  # a bug, not the client's: still one JSON line
+        return _error(500, f"internal error: {type(error).__name__}: {error}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        message = {404: f"no such endpoint: {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code,
+                                                                                      str(error.detail))
+        return _error(error.status_code, message)
+
+    def page(path: str):
+        content, media = pages[path]
+        return Response(content, media_type=media, headers={"Cache-Control": "no-cache"})
+
+    app.get("/", include_in_schema=False)(lambda: page("/"))
+    app.get("/page.css", include_in_schema=False)(lambda: page("/page.css"))
+    app.get("/page.js", include_in_schema=False)(lambda: page("/page.js"))
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": card["model"], "batches": engine.batches, "images": engine.images}
+
+    @app.get("/model")
+    def model():
+        return card
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        files = await read_images(request, max_upload_bytes, max_files)
+        decoded = await run_in_threadpool(decode, files, engine.predictor.image_size, max_pixels)
+        futures = engine.submit(np.stack([d[1] for d in decoded]))
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+
+        def render():
+            return [{"file": name, **answer, "cam": _png_data_url(overlay(display, cam_map))}
+                    for (name, _, display), (answer, cam_map) in zip(decoded, results)]
+
+        return {"results": await run_in_threadpool(render)}
+
+    return app
+
