@@ -62,6 +62,9 @@ def save_records(workdir: str, reports: dict[str, dict], folder: str) -> None:
 
 def read_records(folder: str, split: str, shift: float = 0.03) -> tuple[dict, list[dict], dict, dict]:
     """(config, history, clean report, shifted report) of a records folder."""
+    if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        raise UserError(f"{folder} holds no run's records (no {CONFIG_FILE}); make them from a trained workdir "
+                        f"with `jaxcell table --workdir WORKDIR --save-records DIR`")
     record = read_config(folder)
     reports = []
     for s in (0.0, shift):
