@@ -7,6 +7,9 @@ BIN     = $(VENV)/bin
 # On a CPU-only machine the CPU build of torch (an unpinned torch pulls a multi-GB CUDA build),
 # then jaxcell with the torch side (parity, twins, benchmark), oneDNN's CPU convolutions and the tests.
 TORCH  ?= torch==2.13.0
+# The release paired with it: the model zoo's oracle (tests/test_models_zoo.py), installed without
+# its dependencies so that it never replaces the torch build chosen above.
+TORCHVISION ?= torchvision==0.28.0
 WORKDIR ?= runs/demo
 
 .PHONY: install run test test-all clean chromium
@@ -16,6 +19,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet --no-deps "$(TORCHVISION)"
 	$(BIN)/pip install --quiet -e ".[torch,cpu,serve,test]"
 	touch $@
 

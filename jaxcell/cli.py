@@ -12,10 +12,11 @@
     jaxcell report    --workdir DIR --out report.html [--data DIR] [--split test] [--ood-data FOLDER]
     jaxcell audit     --data DIR [--json FILE]
     jaxcell table     --workdir DIR [--workdir DIR ...] [--split val] [--shift 0.03] [--markdown FILE]
+                      [--save-records DIR];  or --records DIR [--records DIR ...]
     jaxcell parity    --model NAME [--image-size N] [--batch N] [--seed N] [--train-steps N]
     jaxcell export    --workdir DIR --out FILE [--format safetensors|torch] [--checkpoint best|last]
     jaxcell import    --torch FILE --workdir DIR [--model NAME]
-    jaxcell summary   [--model NAME] [--image-size N]
+    jaxcell summary   [--model NAME] [--image-size N] [--format markdown]
     jaxcell bench     --model NAME --json FILE [--image-size N] [--batch-size N] [--precision fp32,bf16]
                       [--frameworks jax,torch,torch-compile] [--steps N] [--devices 1,2,4] [--quick] [--pipeline]
 
@@ -187,9 +188,14 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     r.add_argument("--out", required=True, help="the HTML file; the figures are also written beside it as PNG")
     r.add_argument("--cams", type=int, default=8, metavar="N", help="Grad-CAM cases per gallery (right, wrong); 0: none")
 
-    tb = sub.add_parser("table", help="the paper's Table I, measured: one row per trained workdir")
-    tb.add_argument("--workdir", required=True, action="append", help="a trained workdir; repeat for more rows")
-    tb.add_argument("--split", default="val", choices=["train", "val", "test"])
+    tb = sub.add_parser("table", help="the paper's Table I, measured: one row per trained workdir and split")
+    tb.add_argument("--workdir", action="append", default=[], help="a trained workdir; repeat for more rows")
+    tb.add_argument("--records", action="append", default=[], metavar="DIR",
+                    help="instead of a workdir: a run's records (--save-records), no checkpoints needed")
+    tb.add_argument("--save-records", metavar="DIR",
+                    help="keep each workdir's records (config, metrics, evaluation reports) in DIR/<its name>")
+    tb.add_argument("--split", action="append", choices=["train", "val", "test"],
+                    help="repeat for a row per split (default: val)")
     tb.add_argument("--shift", type=non_negative_float, default=0.03, metavar="S",
                     help="HED strength of the stain-shifted column")
     tb.add_argument("--checkpoint", default="last",
@@ -281,6 +287,7 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     s.add_argument("--model", help="one model (default: every registered model)")
     s.add_argument("--image-size", type=positive, default=224)
     s.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE")
+    s.add_argument("--format", choices=["text", "markdown"], default="text")
 
     b = sub.add_parser("bench", help="training and inference throughput: JAX against PyTorch eager and compiled")
     b.add_argument("--model", required=True)
@@ -499,9 +506,13 @@ def cmd_report(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from jaxcell.results import format_table, table_row
+    from jaxcell.results import format_table, records_row, workdir_rows
 
-    rows = [table_row(w, args.split, args.shift, args.checkpoint) for w in args.workdir]
+    if not args.workdir and not args.records:
+        raise UserError("give a trained --workdir or the --records of one")
+    splits = args.split or ["val"]
+    rows = [r for w in args.workdir for r in workdir_rows(w, splits, args.shift, args.checkpoint, args.save_records)]
+    rows += [records_row(r, s, args.shift) for r in args.records for s in splits]
     table = format_table(rows)
     print(table)
     if args.markdown:
@@ -615,10 +626,11 @@ def cmd_import(args) -> int:
 
 def cmd_summary(args) -> int:
     from jaxcell import models
-    from jaxcell.summary import format_summary, summarize
+    from jaxcell.summary import format_summary, format_summary_markdown, summarize
 
     names = [models.spec(args.model).name] if args.model else models.names()
-    print(format_summary([summarize(n, args.image_size, **dict(args.model_arg)) for n in names]))
+    rows = [summarize(n, args.image_size, **dict(args.model_arg)) for n in names]
+    print((format_summary_markdown if args.format == "markdown" else format_summary)(rows))
     return 0
 
 

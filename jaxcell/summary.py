@@ -26,7 +26,7 @@ def summarize(name: str, image_size: int = 224, num_classes: int = 4, **kwargs) 
     with layers.cpu_forms(workarounds=False):
         cost = forward.lower(variables, x).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return {"model": name, "image_size": image_size, "parameters": int(params),
+    return {"model": name, "model_kwargs": kwargs, "image_size": image_size, "parameters": int(params),
             "flops_per_image": float(cost.get("flops", float("nan")))}
 
 
@@ -34,4 +34,14 @@ def format_summary(rows: list[dict]) -> str:
     lines = [f"{'model':<14} {'image':>5} {'parameters':>14} {'GFLOPs/image':>13}"]
     for r in rows:
         lines.append(f"{r['model']:<14} {r['image_size']:>5} {r['parameters']:>14,} {r['flops_per_image'] / 1e9:>13.3f}")
+    return "\n".join(lines)
+
+
+def format_summary_markdown(rows: list[dict]) -> str:
+    """The same rows as a Markdown table (the README's is this, generated)."""
+    lines = ["| model | image px | parameters | GFLOPs/image |", "|---|---:|---:|---:|"]
+    for r in rows:
+        args = ", ".join(f"{k}={v!r}" for k, v in r["model_kwargs"].items())
+        name = f"`{r['model']}`" + (f" ({args})" if args else "")
+        lines.append(f"| {name} | {r['image_size']} | {r['parameters']:,} | {r['flops_per_image'] / 1e9:.3f} |")
     return "\n".join(lines)

@@ -42,9 +42,39 @@ def test_color_jitter_and_augment_stay_in_range_and_depend_on_the_key():
     assert not np.array_equal(augment(x, jax.random.key(5)), augment(x, jax.random.key(6)))
 
 
+def reference_augment(x: np.ndarray, rng, stain: float, color: float) -> np.ndarray:
+    """The augmentation as it was before crops and hue existed, in float64 numpy from its own
+    formulas: symmetries, then HED jitter, then brightness/contrast/saturation, each from one of
+    three keys split from `rng`. Only the uniform draws come from jax.random."""
+    n = len(x)
+    r1, r2, r3 = jax.random.split(rng, 3)
+    flip_h, flip_v, transpose = np.asarray(jax.random.bernoulli(r1, 0.5, (3, n)))
+    x = np.stack([(lambda im: im.swapaxes(0, 1) if transpose[i] else im)(
+        (lambda im: im[::-1] if flip_v[i] else im)(im[:, ::-1] if flip_h[i] else im)) for i, im in enumerate(x)])
+    # HED: Ruifrok & Johnston's stain vectors; optical density relative to 1e-6
+    rgb_from_hed = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+    scale_rng, shift_rng = jax.random.split(r2)
+    alpha = np.asarray(jax.random.uniform(scale_rng, (n, 1, 1, 3), minval=1 - stain, maxval=1 + stain), np.float64)
+    beta = np.asarray(jax.random.uniform(shift_rng, (n, 1, 1, 3), minval=-stain, maxval=stain), np.float64)
+    floor = np.log(1e-6)
+    stains = np.log(np.maximum(x, 1e-6)) / floor @ np.linalg.inv(rgb_from_hed)
+    x = np.clip(np.exp((stains * alpha + beta) @ rgb_from_hed * floor), 0, 1)
+    b, c, s = np.asarray(jax.random.uniform(r3, (3, n, 1, 1, 1), minval=1 - color, maxval=1 + color), np.float64)
+    x = x * b
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)  # the image's mean grey level
+    x = (x - mean) * c + mean
+    grey = x.mean(axis=-1, keepdims=True)
+    return np.clip((x - grey) * s + grey, 0, 1)
+
+
 def test_new_options_off_leave_the_augmentation_as_it_was():
-    x = images(8)
-    np.testing.assert_array_equal(augment(x, jax.random.key(2), crop=1.0, hue=0.0), augment(x, jax.random.key(2)))
+    x = images(8, size=16)
+    for seed in (2, 9):
+        want = reference_augment(np.asarray(x, np.float64), jax.random.key(seed), stain=0.05, color=0.1)
+        for got in (augment(x, jax.random.key(seed)), augment(x, jax.random.key(seed), crop=1.0, hue=0.0)):
+            np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+    # the reference can tell: the keys of another seed give another augmentation
+    assert np.abs(np.asarray(augment(x, jax.random.key(3))) - want).max() > 0.05
 
 
 def test_crop_at_scale_one_and_hue_at_zero_are_the_identity():

@@ -74,7 +74,22 @@ def test_table_row_is_what_evaluate_measures(workdir, tmp_path, capsys, monkeypa
     assert row["ece"] == pytest.approx(json.load(open(clean))["ece"])
     assert row["epochs"] == 2 and row["train_seconds"] > 0 and row["parameters"] > 0
     assert row["hardware"].startswith("CPU") and row["paper_accuracy"] == "0.91"
-    assert "| lightnetcell | 0.91 |" in open(tmp_path / "t.md").read()
+    assert "| lightnetcell (seed 2, split seed 3) | 0.91 | val (" in open(tmp_path / "t.md").read()
+
+
+def test_table_from_saved_records_is_the_table_measured(workdir, tmp_path, capsys):
+    records = tmp_path / "results"
+    args = ["--split", "val", "--split", "test", "--shift", "0.05"]
+    assert main(["table", "--workdir", workdir, *args, "--save-records", str(records)]) == 0
+    measured = capsys.readouterr().out
+    assert sorted(os.listdir(records / "run")) == [
+        "config.json", "evaluation-test-hed0.05.json", "evaluation-test.json", "evaluation-val-hed0.05.json",
+        "evaluation-val.json", "metrics.jsonl"]
+    assert measured.count("| lightnetcell (seed 2, split seed 3) |") == 2
+    assert main(["table", "--records", str(records / "run"), *args]) == 0  # no checkpoints, no data
+    assert capsys.readouterr().out == measured
+    assert main(["table", "--records", str(records / "run"), "--split", "train"]) == 2
+    assert "has no evaluation-train.json" in capsys.readouterr().err
 
 
 def test_evaluate_every_image_of_a_folder_and_predict(workdir, tmp_path, capsys):
