@@ -1,5 +1,6 @@
 # Two entry points, each installing what it needs into .venv first:
-#   make run    train LightNetCell briefly on synthetic smears, evaluate it, print the report
+#   make run    train the CNN + Transformer hybrid on synthetic smears (recipe demo-cpu, under 3 minutes
+#               on 2 cores), evaluate it, print the report
 #   make test   the default (fast) test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -23,12 +24,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[torch,cpu,serve,test]"
 	touch $@
 
-# Synthetic smears already draw their stain colours per image from one distribution for every
-# class, so the brief demo keeps only the geometric augmentation; on real data keep the stain
-# jitter (the default), which is what makes a model survive another lab's stain.
+# The settings (model, size, smears, epochs, augmentation) are the recipe's: `jaxcell recipes`.
 run: install
-	$(BIN)/jaxcell train --model lightnetcell --image-size 64 --synthetic-examples 1600 --epochs 10 \
-	    --batch-size 32 --stain-jitter 0 --color-jitter 0 --workdir $(WORKDIR) --overwrite
+	$(BIN)/jaxcell train --recipe demo-cpu --workdir $(WORKDIR) --overwrite
 	$(BIN)/jaxcell evaluate --workdir $(WORKDIR) --split test --out $(WORKDIR)/report.json
 
 # The HTML-report test renders in headless Chromium (Debian's package); installed when missing and

@@ -1,6 +1,9 @@
 """Recipes: shipped training configurations, overridable by flags, recorded in the workdir."""
 
 import dataclasses
+import json
+import shlex
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +66,32 @@ def test_recipes_command_lists_them(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in recipes.RECIPES)
+
+
+def _make_run_train_argv() -> list[str]:
+    """The `jaxcell train` command of the Makefile's `run` target, as argv."""
+    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
+    target = makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
+    line = next(l for l in target.splitlines() if "jaxcell train" in l)
+    return shlex.split(line.replace("$(WORKDIR)", "runs/demo"))[1:]
+
+
+def test_make_run_trains_the_demo_recipe_as_it_is():
+    # The README's make-run figures are the recipe's; a flag in the Makefile would silently change them.
+    argv = _make_run_train_argv()
+    args = parse_args(argv)
+    assert args.recipe == "demo-cpu"
+    assert args.data is None  # synthetic smears: a fresh clone has no data
+    for key, value in recipes.get("demo-cpu").settings.items():
+        assert getattr(args, key) == value, key
+    flags = {a.split("=")[0] for a in argv if a.startswith("--")}
+    assert flags == {"--recipe", "--workdir", "--overwrite"}
+
+
+@pytest.mark.slow
+def test_the_demo_recipe_reaches_its_accuracy(tmp_path, capsys):
+    # What make run promises (README): at least 0.90 test accuracy on the synthetic smears (~3 min).
+    workdir, report = tmp_path / "demo", tmp_path / "report.json"
+    assert main(["train", "--recipe", "demo-cpu", "--workdir", str(workdir), "--no-progress"]) == 0
+    assert main(["evaluate", "--workdir", str(workdir), "--split", "test", "--out", str(report)]) == 0
+    assert json.loads(report.read_text())["accuracy"] >= 0.90
