@@ -118,7 +118,8 @@ def markdown(rows: list[dict]) -> str:
 def chosen_table(row: dict) -> str:
     """One score and fit in detail: a line per foreign set, then the in-distribution side."""
     lines = [f"| set ({row['method']}, fitted with {row['views']} augmented copies) | images | AUROC | FPR@95 | "
-             "flagged | called leukemia, not flagged | model accuracy on the set |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "flagged | called leukemia, not flagged | model accuracy on the set |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for s, v in row["foreign"].items():
         acc = "-" if v["model_accuracy"] is None else f"{v['model_accuracy']:.3f}"
         lines.append(f"| {s} | {v['images']} | {v['auroc']:.3f} | {v['fpr95']:.3f} | {v['flagged']:.1%} | "
