@@ -54,6 +54,7 @@ def extract_all(workdir: str, foreign: str, views: int, cache: str | None, batch
             put(f"foreign_{name}", ood.foreign_images(os.path.join(foreign, name), member.image_size)[0])
     out["head/kernel"], out["head/bias"] = ood.head_weights(member)
     out["class_names"] = np.asarray(member.record["class_names"])
+    out["checkpoint_step"] = np.asarray(member.step)
     out["block_names"] = np.asarray([n for n, _ in extract.blocks])
     out["block_widths"] = np.asarray([w for _, w in extract.blocks])
     if cache:
@@ -152,7 +153,8 @@ def main(argv=None) -> int:
     print(f"test accuracy {rows[0]['test_accuracy']:.4f}, stain-shifted {rows[0]['test_shift_accuracy']:.4f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"workdir": os.path.abspath(args.workdir), "rows": rows}, f, indent=2)
+            json.dump({"workdir": os.path.abspath(args.workdir), "checkpoint_step": int(d["checkpoint_step"])
+                       if "checkpoint_step" in d else None, "rows": rows}, f, indent=2)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")
