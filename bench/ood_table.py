@@ -54,6 +54,7 @@ def extract_all(workdir: str, foreign: str, views: int, cache: str | None, batch
             put(f"foreign_{name}", ood.foreign_images(os.path.join(foreign, name), member.image_size)[0])
     out["head/kernel"], out["head/bias"] = ood.head_weights(member)
     out["class_names"] = np.asarray(member.record["class_names"])
+    out["checkpoint_step"] = np.asarray(member.step)
     out["block_names"] = np.asarray([n for n, _ in extract.blocks])
     out["block_widths"] = np.asarray([w for _, w in extract.blocks])
     if cache:
@@ -118,7 +119,8 @@ def markdown(rows: list[dict]) -> str:
 def chosen_table(row: dict) -> str:
     """One score and fit in detail: a line per foreign set, then the in-distribution side."""
     lines = [f"| set ({row['method']}, fitted with {row['views']} augmented copies) | images | AUROC | FPR@95 | "
-             "flagged | called leukemia, not flagged | model accuracy on the set |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "flagged | called leukemia, not flagged | model accuracy on the set |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for s, v in row["foreign"].items():
         acc = "-" if v["model_accuracy"] is None else f"{v['model_accuracy']:.3f}"
         lines.append(f"| {s} | {v['images']} | {v['auroc']:.3f} | {v['fpr95']:.3f} | {v['flagged']:.1%} | "
@@ -151,7 +153,8 @@ def main(argv=None) -> int:
     print(f"test accuracy {rows[0]['test_accuracy']:.4f}, stain-shifted {rows[0]['test_shift_accuracy']:.4f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"workdir": os.path.abspath(args.workdir), "rows": rows}, f, indent=2)
+            json.dump({"workdir": os.path.abspath(args.workdir), "checkpoint_step": int(d["checkpoint_step"])
+                       if "checkpoint_step" in d else None, "rows": rows}, f, indent=2)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")

@@ -328,8 +328,6 @@ def fit(train_features: np.ndarray, train_labels: np.ndarray, val_features: np.n
         b = f[:, edges[i]:edges[i + 1]]
         arrays[f"block{i}_mean"] = b.mean(0)
         arrays[f"block{i}_whiten"] = _whitening(b - b.mean(0), len(b) - 1)
-        arrays[f"center_block{i}"], arrays[f"spread_block{i}"] = np.asarray(0.0), np.asarray(1.0)
-    arrays["center_mahalanobis"], arrays["spread_mahalanobis"] = np.asarray(0.0), np.asarray(1.0)
     # Standardize each distance by its median and interquartile range on the validation split, so that
     # the blocks weigh the same in the mean.
     vf = np.asarray(val_features, np.float64)

@@ -25,7 +25,7 @@ CASES = {
     "brin": (32, dict(preset="small")),
     "densenet121": (32, {}),
 }
-SLOW = {"densenet121", "resnet50", "resnet34"}
+SLOW = {"densenet121", "resnet50", "resnet34", "resnet18"}  # the same head as lightnetcell: a dense layer
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in CASES])
