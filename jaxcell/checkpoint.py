@@ -24,8 +24,11 @@ class Checkpoints:
             keep.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
                        keep_checkpoints_without_metrics=False),
         ])
+        # best_fn as well: without it Orbax records no metrics with a checkpoint and best_step()
+        # answers the latest one (the policy alone kept the best checkpoint, but nothing found it).
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only,
-                                               create=not read_only)
+                                               create=not read_only, best_fn=lambda m: m[BEST_METRIC],
+                                               best_mode="max")
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state, metrics: dict | None = None, force: bool = False) -> None:

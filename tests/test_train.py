@@ -319,3 +319,17 @@ def test_each_process_gathers_only_its_block_of_a_global_batch(monkeypatch):
             monkeypatch.setattr(trainer.jax, "process_index", lambda i=i: i)
             blocks.append(np.arange(n)[Placement.local_rows(n)])
         assert [b.tolist() for b in blocks] == [b.tolist() for b in np.array_split(np.arange(n), 3)]
+
+
+def test_best_checkpoint_is_the_best_validation_accuracy_after_reopening(tmp_path):
+    import jax.numpy as jnp
+
+    checkpoints = Checkpoints(str(tmp_path / "c"))
+    for step, accuracy in [(1, 0.90), (2, 0.95), (3, 0.91), (4, 0.93)]:
+        checkpoints.save(step, {"w": jnp.full(3, float(step))}, metrics={"val_accuracy": accuracy})
+    checkpoints.save(5, {"w": jnp.full(3, 5.0)}, force=True)  # mid-epoch (a signal): no metrics
+    checkpoints.close()
+    reopened = Checkpoints(str(tmp_path / "c"), read_only=True)
+    assert reopened.manager.all_steps() == [2, 5] and reopened.latest_step() == 5
+    assert reopened.best_step() == 2
+    assert float(reopened.restore({"w": jnp.zeros(3)}, "best")["w"][0]) == 2.0
