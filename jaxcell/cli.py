@@ -5,12 +5,12 @@
     jaxcell recipes
     jaxcell evaluate  --workdir DIR [--workdir DIR ...] [--data DIR] [--split test] [--tta]
                       [--stain-shift S] [--fit-temperature] [--out report.json]
-    jaxcell predict   --workdir DIR [--cam OUTDIR] IMAGE...
+    jaxcell predict   --workdir DIR [--cam OUTDIR] [--explain ig --explain-out DIR] IMAGE...
     jaxcell report    --workdir DIR --out report.html [--data DIR] [--split test]
     jaxcell audit     --data DIR [--json FILE]
     jaxcell table     --workdir DIR [--workdir DIR ...] [--split val] [--shift 0.03] [--markdown FILE]
     jaxcell parity    --model NAME [--image-size N] [--batch N] [--seed N] [--train-steps N]
-    jaxcell export    --workdir DIR --out FILE [--format safetensors|torch] [--checkpoint best|last]
+    jaxcell export    --workdir DIR --out FILE [--format safetensors|torch|onnx [--quantize int8]] [--checkpoint best|last]
     jaxcell import    --torch FILE --workdir DIR [--model NAME]
     jaxcell summary   [--model NAME] [--image-size N]
     jaxcell bench     --model NAME --json FILE [--image-size N] [--batch-size N] [--precision fp32,bf16]
@@ -205,6 +205,10 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     p.add_argument("--batch-size", type=positive, default=64)
     p.add_argument("--cam", metavar="OUTDIR", help="also write a Grad-CAM overlay PNG per image here")
     p.add_argument("--cam-layer", help="the layer for --cam (flax or torch module path); default per model")
+    p.add_argument("--explain", choices=["gradcam", "ig", "shap", "occlusion"],
+                   help="write an attribution overlay PNG and the raw attributions (.npy, NHWC) per image")
+    p.add_argument("--explain-out", metavar="DIR", help="where --explain writes")
+    p.add_argument("--explain-steps", type=positive, metavar="N", help="IG steps (default 50) or SHAP samples (20)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
 
     q = sub.add_parser("parity", help="layer-by-layer comparison of the JAX model with its torch twin")
@@ -222,10 +226,13 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
 
     x = sub.add_parser("export", help="a trained workdir -> a torch_ref state dict (+ FILE.json sidecar)")
     x.add_argument("--workdir", required=True)
-    x.add_argument("--format", choices=["safetensors", "torch"],
+    x.add_argument("--format", choices=["safetensors", "torch", "onnx"],
                    help="default: from the --out extension (.safetensors, or .pt/.pth for torch.save)")
     x.add_argument("--out", required=True, metavar="FILE")
     x.add_argument("--checkpoint", default="best", help="best, last or a step number")
+    x.add_argument("--quantize", choices=["int8"], help="onnx: also write FILE.int8.onnx (static QDQ)")
+    x.add_argument("--calibration-images", type=positive, default=200, metavar="N",
+                   help="--quantize: training images to calibrate on")
 
     i = sub.add_parser("import", help="a torch_ref state dict (.safetensors, .pt) -> a jaxcell workdir")
     i.add_argument("--torch", required=True, metavar="FILE")
@@ -454,11 +461,20 @@ def cmd_predict(args) -> int:
     probabilities = _probabilities(eval_step, state, images, args.batch_size, placement)
     names = record["class_names"]
     cams = _write_cams(args, state, record, images) if args.cam else [None] * len(args.images)
+    if args.explain:
+        from jaxcell.explain import write_explanations
+
+        if not args.explain_out:
+            raise UserError("--explain needs --explain-out DIR")
+        written = write_explanations(args.explain, state, record, images, args.images, args.explain_out,
+                                     args.explain_steps, args.batch_size)
     for path, p, cam in zip(args.images, probabilities, cams):
         line = {"file": path, "class": names[int(p.argmax())],
                 "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)}}
         if cam:
             line["cam"] = cam
+        if args.explain:
+            line["explanation"] = written.pop(0)
         print(json.dumps(line))
     return 0
 
@@ -512,6 +528,15 @@ def cmd_export(args) -> int:
     which = int(args.checkpoint) if str(args.checkpoint).isdigit() else args.checkpoint
     if which not in ("best", "last") and not isinstance(which, int):
         raise UserError(f"--checkpoint must be best, last or a step number, not {args.checkpoint!r}")
+    if args.format == "onnx" or args.out.lower().endswith(".onnx"):
+        from jaxcell.onnx_export import export_onnx
+
+        written = export_onnx(args.workdir, args.out, which, args.quantize, args.calibration_images)
+        print(f"exported {args.workdir} ({args.checkpoint}) to {', '.join(written)}; "
+              f"run it with: python -m jaxcell.edge {args.out} IMAGE...")
+        return 0
+    if args.quantize:
+        raise UserError("--quantize applies to --format onnx only")
     weights, sidecar = export_workdir(args.workdir, args.out, args.format, which)
     print(f"exported {args.workdir} ({args.checkpoint}) to {weights} with sidecar {sidecar}; "
           f"in PyTorch: torch_ref.load({weights!r})")

@@ -208,8 +208,9 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
 # Each takes the preprocessed float NHWC input and returns attributions of that shape (float32)
 # for one class per image (the predicted one unless given), computed on the logits: the same
 # numbers captum gives on the torch twin (tests/test_explain.py holds the two side by side).
-# The model and the static settings are jit's static arguments (flax modules hash by value),
-# so a second call with the same settings compiles nothing. `chunk` bounds memory: how many
+# The model (by identity: a module built from JSON holds lists, which do not hash) and the
+# static settings are jit's static arguments, so a second call with the same model object and
+# settings compiles nothing. `chunk` bounds memory: how many
 # steps (or samples, or patch positions) are vmapped at once; None vmaps them all.
 
 IG_METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -275,8 +276,21 @@ def integrated_gradients(model, variables, images, target=None, baseline=None, s
     x = _as_input(images)
     base = _as_input(0.0 if baseline is None else baseline, x)
     alphas, sizes = ig_quadrature(steps, method)
-    return _integrated_gradients(model, variables, x, base, _as_target(target), alphas.astype(np.float32).tobytes(),
+    return _integrated_gradients(_Same(model), variables, x, base, _as_target(target), alphas.astype(np.float32).tobytes(),
                                  sizes.astype(np.float32).tobytes(), chunk)
+
+
+class _Same:
+    """A module as a static argument of jit, hashed by identity."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __hash__(self):
+        return id(self.module)
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.module is self.module
 
 
 def _vmap_chunks(f, xs, chunk):
@@ -298,6 +312,7 @@ def _integrated_gradients(model, variables, x, base, target, alphas, sizes, chun
     import jax
     import jax.numpy as jnp
 
+    model = model.module
     alphas, sizes = (jnp.asarray(np.frombuffer(b, np.float32)) for b in (alphas, sizes))
     target = _targets(model, variables, x, target)
     score = _target_score(model, variables, target)
@@ -320,7 +335,7 @@ def gradient_shap(model, variables, images, baselines, key, samples: int = 20, s
                         f"got {tuple(b.shape)}")
     if samples < 1:
         raise UserError(f"gradient SHAP needs at least one sample, got {samples}")
-    return _gradient_shap(model, variables, x, b, key, _as_target(target), samples, float(stdev), chunk)
+    return _gradient_shap(_Same(model), variables, x, b, key, _as_target(target), samples, float(stdev), chunk)
 
 
 @_jit(("model", "samples", "stdev", "chunk"))
@@ -328,6 +343,7 @@ def _gradient_shap(model, variables, x, baselines, key, target, samples, stdev, 
     import jax
     import jax.numpy as jnp
 
+    model = model.module
     target = _targets(model, variables, x, target)
     score = _target_score(model, variables, target)
     n = x.shape[0]
@@ -361,7 +377,7 @@ def occlusion(model, variables, images, window: int = 8, stride: int = 4, baseli
     does). Returns (attributions, targets)."""
     x = _as_input(images)
     masks = occlusion_masks(x.shape[1], x.shape[2], int(window), int(stride))
-    return _occlusion(model, variables, x, _as_input(baseline, x), masks,
+    return _occlusion(_Same(model), variables, x, _as_input(baseline, x), masks,
                       _as_target(target), chunk)
 
 
@@ -370,6 +386,7 @@ def _occlusion(model, variables, x, base, masks, target, chunk):
     import jax
     import jax.numpy as jnp
 
+    model = model.module
     target = _targets(model, variables, x, target)
 
     def logit(z):
@@ -386,3 +403,79 @@ def _occlusion(model, variables, x, base, masks, target, chunk):
     total = jnp.einsum("pn,phw->nhw", drops, masks)
     attr = jnp.where(count > 0, total / jnp.where(count > 0, count, 1), 0.0)
     return jnp.broadcast_to(attr[..., None], x.shape), target
+
+
+# ---------------------------------------------------------------------------------------------
+# `jaxcell predict --explain`: every method on uint8 images, one overlay and one .npy per image.
+
+EXPLAIN_BATCH = 8      # images explained at once (each carries its steps or samples)
+EXPLAIN_CHUNK = 10     # steps, samples or patches vmapped at once: bounds memory
+
+
+def attribution_map(attributions: np.ndarray) -> np.ndarray:
+    """(..., H, W, C) attributions -> (..., H, W) evidence for the class: the channel sum, where
+    a pixel's channels add up to its contribution (integrated gradients' completeness)."""
+    return np.asarray(attributions, np.float32).sum(-1)
+
+
+def display_map(attributions: np.ndarray) -> np.ndarray:
+    """An overlay's [0, 1] map: |channel sum| over its 99th percentile (a few extreme pixels
+    would otherwise wash out the rest)."""
+    m = np.abs(attribution_map(attributions))
+    top = np.percentile(m, 99)
+    return np.clip(m / top, 0, 1) if top > 0 else np.zeros_like(m)
+
+
+def explain_batch(method: str, model, variables, x, steps: int | None = None, key_seed: int = 0):
+    """(attributions NHWC float32, targets) of the predicted class for model inputs x. Integrated
+    gradients with captum's defaults (Gauss-Legendre, 50 steps, zeros); SHAP over the zeros image
+    and 7 Gaussian-noise images (fixed key, 20 samples); occlusion with a patch of 1/8 of the
+    side moved by half a patch; Grad-CAM's map as one channel."""
+    import jax
+
+    x = np.asarray(x, np.float32)
+    if method == "ig":
+        attr, t = integrated_gradients(model, variables, x, steps=steps or 50, chunk=EXPLAIN_CHUNK)
+    elif method == "shap":
+        key = jax.random.key(key_seed)
+        noise = np.asarray(jax.random.normal(key, (7,) + x.shape[1:]), np.float32)
+        baselines = np.concatenate([np.zeros((1,) + x.shape[1:], np.float32), noise])
+        attr, t = gradient_shap(model, variables, x, baselines, jax.random.fold_in(key, 1), samples=steps or 20,
+                                chunk=EXPLAIN_CHUNK)
+    elif method == "occlusion":
+        window = max(x.shape[1] // 8, 1)
+        attr, t = occlusion(model, variables, x, window=window, stride=max(window // 2, 1), chunk=EXPLAIN_CHUNK)
+    elif method == "gradcam":
+        cam = gradcam(model, variables, x)
+        return cam.maps[..., None].astype(np.float32), cam.class_index
+    else:
+        raise UserError(f"unknown explanation {method!r}; known: gradcam, ig, shap, occlusion")
+    return np.asarray(attr, np.float32), np.asarray(t)
+
+
+def write_explanations(method: str, state, record: dict, images: np.ndarray, names: list[str], out_dir: str,
+                       steps: int | None = None, batch_size: int = EXPLAIN_BATCH) -> list[str]:
+    """Overlay PNG and raw attributions (1, H, W, C) .npy per image, named after it; the PNG paths."""
+    import os
+
+    from PIL import Image
+
+    from jaxcell import models
+    from jaxcell.train import prepare
+
+    os.makedirs(out_dir, exist_ok=True)
+    model = models.create(record["model"], **record["model_kwargs"])
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    written = []
+    step = min(batch_size, EXPLAIN_BATCH)
+    for start in range(0, len(images), step):
+        chunk = images[start:start + step]
+        attr, _ = explain_batch(method, model, variables, prepare(chunk, record["preprocessing"]), steps)
+        for k, image in enumerate(chunk):
+            i = start + k
+            stem = os.path.join(out_dir, f"{i:04d}_{os.path.splitext(os.path.basename(names[i]))[0]}_{method}")
+            np.save(stem + ".npy", attr[k:k + 1])
+            shown = attr[k, ..., 0] if method == "gradcam" else display_map(attr[k])
+            Image.fromarray(overlay(image, shown)).save(stem + ".png")
+            written.append(stem + ".png")
+    return written

@@ -75,3 +75,84 @@ def test_onnx_matches_jaxcell_probabilities(name, tmp_path):
     assert sidecar["input"] == {"name": "images", "dtype": "uint8", "layout": "NHWC", "size": size}
     assert sidecar["class_names"] == ["Benign", "Early", "Pre", "Pro"] and sidecar["ood"] is None
     assert bool(sidecar["preprocessing"].get("od_center")) == (name in OD_CENTER)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """lightnetcell's workdir exported as fp32 and int8 (calibrated on 32 synthetic images)."""
+    from jaxcell.onnx_export import export_onnx
+
+    root = str(tmp_path_factory.mktemp("edge"))
+    workdir, size = random_workdir("lightnetcell", root)
+    out = os.path.join(root, "model.onnx")
+    written = export_onnx(workdir, out, quantize="int8", calibration_images=32, log=lambda *_: None)
+    return workdir, out, written, size
+
+
+def png_files(folder, size, n=3):
+    rng = np.random.default_rng(9)
+    paths = []
+    for i in range(n):
+        path = os.path.join(folder, f"cell{i}.png")
+        Image.fromarray(rng.integers(0, 256, (size + 5, size + 3, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_int8_export_is_static_qdq_with_per_channel_weights(exported):
+    import onnx
+
+    _, out, written, size = exported
+    int8 = written[1]
+    assert int8.endswith("model.int8.onnx") and os.path.getsize(int8) < os.path.getsize(out)
+    graph = onnx.load(int8).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    weight_scales = [i for i in graph.initializer if i.name.endswith("_scale") and len(i.dims) == 1 and i.dims[0] > 1]
+    assert weight_scales  # per-channel: a scale per output channel
+    sidecar = json.load(open(out + ".json"))
+    assert sidecar["int8"]["calibration_images"] == 32 and sidecar["int8"]["file"] == "model.int8.onnx"
+    images = np.random.default_rng(4).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+    p8, p32 = onnx_probabilities(int8, images), onnx_probabilities(out, images)
+    np.testing.assert_allclose(p8.sum(-1), 1, atol=1e-5)
+    assert np.abs(p8 - p32).max() < 0.05  # int8 rounding moves probabilities a little, not a lot
+
+
+def test_edge_runner_prints_what_predict_prints_without_jax_or_torch(exported, tmp_path):
+    workdir, out, _, size = exported
+    paths = png_files(str(tmp_path), size)
+    code = ("import runpy, sys; sys.argv = ['edge', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('jaxcell.edge', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "leaked = [m for m in ('jax', 'torch', 'flax') if m in sys.modules]\n"
+            "assert not leaked, leaked\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run([sys.executable, "-c", code, out, "--precision", "fp32", *paths], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "fp32 asked for" in done.stderr
+    edge = [json.loads(line) for line in done.stdout.splitlines()]
+
+    predicted = subprocess.run([sys.executable, "-m", "jaxcell.cli", "predict", "--workdir", workdir, *paths],
+                               capture_output=True, text=True, env=env, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr
+    ours = [json.loads(line) for line in predicted.stdout.splitlines()]
+    assert [e["file"] for e in edge] == paths and [e["class"] for e in edge] == [o["class"] for o in ours]
+    for e, o in zip(edge, ours):
+        assert e.keys() == o.keys()
+        for name in o["probabilities"]:
+            assert abs(e["probabilities"][name] - o["probabilities"][name]) <= 1e-4
+
+
+def test_edge_runner_chooses_int8_only_with_an_int8_dot_product(exported, monkeypatch):
+    from jaxcell import edge
+
+    _, out, _, _ = exported
+    monkeypatch.setattr(edge, "cpu_int8_dot", lambda: None)
+    assert edge.choose_file(out)[0] == out
+    monkeypatch.setattr(edge, "cpu_int8_dot", lambda: "avx512_vnni")
+    assert edge.choose_file(out) == (edge.int8_path(out), "the CPU has avx512_vnni: int8 products run natively")
+    assert edge.choose_file(out, "fp32")[0] == out
+    with pytest.raises(SystemExit, match="does not exist"):
+        edge.choose_file(out + ".missing.onnx", "int8")
