@@ -252,7 +252,7 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     b.add_argument("--model", required=True)
     b.add_argument("--image-size", type=positive)
     b.add_argument("--batch-size", type=positive, help="per device")
-    b.add_argument("--frameworks", type=_names, help="jax, torch, torch-compile, jax-baseline, jax-eigen (comma-separated)")
+    b.add_argument("--frameworks", type=_names, help="jax, torch, torch-compile, jax-baseline, jax-eigen, onnx, onnx-int8 (comma-separated)")
     b.add_argument("--modes", type=_names, default=["train", "infer"], help="train, infer (comma-separated)")
     b.add_argument("--precision", type=_names, default=["fp32"], help="fp32, bf16 (comma-separated)")
     b.add_argument("--steps", type=positive, help="timed steps (median reported)")

@@ -61,6 +61,27 @@ def pixels_model(model, preprocessing: dict):
     return Pixels().eval()
 
 
+def write_onnx(model, preprocessing: dict, out: str) -> None:
+    """Trace the torch model, wrapped by `pixels_model`, into `out` (batch axis dynamic)."""
+    import torch
+
+    size = int(preprocessing["image_size"])
+    wrapped = pixels_model(model.eval(), preprocessing)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
+    # nn.MultiheadAttention's inference fast path is one fused op that ONNX has no export for;
+    # off, attention is traced as its matrix products (which int8 then quantizes).
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        torch.onnx.export(wrapped, (example,), out, input_names=["images"],
+                          output_names=["logits", "probabilities"], opset_version=OPSET,
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"},
+                                        "probabilities": {0: "batch"}}, dynamo=False)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
 def ood_parameters(workdir: str) -> dict | None:
     """The workdir's OOD detector, for the sidecar. The hook for jaxcell.ood (not part of this
     project yet): when it exists and the workdir holds a fitted detector, its parameters as
@@ -95,20 +116,7 @@ def export_onnx(workdir: str, out: str, checkpoint: str | int = "best", quantize
     tmodel.load_state_dict(parity.flax_to_torch(record["model"], variables, **record["model_kwargs"]))
     pre = record["preprocessing"]
     size = int(pre["image_size"])
-    wrapped = pixels_model(tmodel.eval(), pre)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
-    # nn.MultiheadAttention's inference fast path is one fused op that ONNX has no export for;
-    # off, attention is traced as its matrix products (which int8 then quantizes).
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        torch.onnx.export(wrapped, (example,), out, input_names=["images"],
-                          output_names=["logits", "probabilities"], opset_version=OPSET,
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"},
-                                        "probabilities": {0: "batch"}}, dynamo=False)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+    write_onnx(tmodel, pre, out)
     written = [out]
     entry = calibration.read_temperature(workdir, int(state.step), False)
     sidecar = {
