@@ -176,6 +176,8 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     _evaluation_args(r, ensemble=False)
     r.add_argument("--out", required=True, help="the HTML file; the figures are also written beside it as PNG")
     r.add_argument("--cams", type=int, default=8, metavar="N", help="Grad-CAM cases per gallery (right, wrong); 0: none")
+    r.add_argument("--faithfulness", type=int, default=0, metavar="N",
+                   help="deletion/insertion curves of the explanation methods on N images (use --split val)")
 
     tb = sub.add_parser("table", help="the paper's Table I, measured: one row per trained workdir")
     tb.add_argument("--workdir", required=True, action="append", help="a trained workdir; repeat for more rows")
@@ -422,7 +424,7 @@ def cmd_report(args) -> int:
     if not args.out.lower().endswith((".html", ".htm")):
         raise UserError(f"--out {args.out}: the report is an HTML file; name it *.html")
     evaluation = _run_evaluation(args, [args.workdir])
-    written = write_report(evaluation, args.out, cams=args.cams)
+    written = write_report(evaluation, args.out, cams=args.cams, faithfulness=args.faithfulness)
     print(f"report written to {written[0]} (figures beside it: "
           + ", ".join(os.path.basename(p) for p in written[1:]) + ")")
     return 0

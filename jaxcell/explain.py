@@ -301,10 +301,22 @@ def _vmap_chunks(f, xs, chunk):
 
 
 def _jit(static: tuple):
+    """jax.jit with static argument names, built on the first call: importing this module must
+    not import jax (torch_ref.explain reads TARGET_LAYERS without it)."""
     import functools
 
-    import jax
-    return lambda f: functools.wraps(f)(jax.jit(f, static_argnames=static))
+    def decorate(f):
+        compiled = []
+
+        @functools.wraps(f)
+        def call(*args, **kwargs):
+            if not compiled:
+                import jax
+
+                compiled.append(jax.jit(f, static_argnames=static))
+            return compiled[0](*args, **kwargs)
+        return call
+    return decorate
 
 
 @_jit(("model", "alphas", "sizes", "chunk"))

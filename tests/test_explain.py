@@ -235,3 +235,27 @@ def test_attribution_inputs_are_checked():
         explain.gradient_shap(model, variables, x, np.zeros((2, 4, 4, 3)), jax.random.key(0))
     alphas, sizes = explain.ig_quadrature(4, "riemann_trapezoid")
     np.testing.assert_allclose(alphas, [0, 1 / 3, 2 / 3, 1]) and np.testing.assert_allclose(sizes.sum(), 1 - 1 / 4)
+
+
+def test_deletion_and_insertion_curves():
+    from jaxcell import faithfulness
+
+    r = faithfulness.ranks(np.array([[[0.1, 0.9], [0.5, -1.0]]]))
+    np.testing.assert_array_equal(r, [[[2, 0], [1, 3]]])
+    assert faithfulness.auc(np.array([1.0, 0.5, 0.0])) == pytest.approx(0.5)
+    _, model, variables, size = twins("lightnetcell")
+    x = _input(size, n=3)
+    with jax.default_matmul_precision("highest"):
+        result = faithfulness.measure(model, variables, x, methods=("ig", "occlusion"), steps=8, points=4)
+        p = np.asarray(jax.nn.softmax(model.apply(variables, jnp.asarray(x), train=False)))
+        p0 = np.asarray(jax.nn.softmax(model.apply(variables, jnp.zeros_like(jnp.asarray(x)), train=False)))
+    cls = p.argmax(-1)
+    for method in ("ig", "occlusion", "random"):
+        r = result[method]
+        # Nothing removed: the predicted class's probability; everything removed: the baseline's.
+        assert r["deletion"][0] == pytest.approx(p.max(-1).mean(), abs=1e-5)
+        assert r["deletion"][-1] == pytest.approx(p0[0, cls].mean(), abs=1e-5)
+        assert r["insertion"][0] == pytest.approx(p0[0, cls].mean(), abs=1e-5)
+        assert r["insertion"][-1] == pytest.approx(p.max(-1).mean(), abs=1e-5)
+    rows = faithfulness.table_rows(result)
+    assert [float(row[1]) for row in rows] == sorted(float(row[1]) for row in rows)
