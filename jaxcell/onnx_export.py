@@ -190,13 +190,17 @@ def compact(model):
     graph = model.graph
     del graph.value_info[:]
     keep = {v.name for v in (*graph.input, *graph.output)} | {i.name for i in graph.initializer} | {""}
+    taken = keep | {name for node in graph.node for name in (*node.input, *node.output)}
+    fresh = (f"t{k}" for k in range(10 ** 9) if f"t{k}" not in taken)  # never an existing name
     names: dict[str, str] = {}
     for k, node in enumerate(graph.node):
         node.name = f"n{k}"
         for field in (node.input, node.output):
             for j, name in enumerate(field):
                 if name not in keep:
-                    field[j] = names.setdefault(name, f"t{len(names)}")
+                    if name not in names:
+                        names[name] = next(fresh)
+                    field[j] = names[name]
     return model
 
 
