@@ -151,12 +151,16 @@ def _input(size, n=2, seed=3):
 # A path integral compiles a model's backward pass vmapped over the steps: minutes for the
 # deeper models on two shared cores, so those run with -m slow.
 CAPTUM_FAST = ("lightnetcell", "hybrid_vit")
-# densenet121 (random weights, 64 px) measured 3.9e-3 (IG) and 1.6e-3 (occlusion) relative: open. Both
-# are small differences of its logits (occlusion: f(x) - f(x with a patch)), which carry the absolute
-# error of a 121-layer forward pass; strict, so that a fix shows up as a pass to remove this mark.
-DENSENET_OPEN = pytest.mark.xfail(strict=True, reason="densenet121 differs from captum by 1.6e-3 to 3.9e-3 relative")
+# Open, strict so that a fix shows up as a pass to remove the mark: densenet121's IG (random weights,
+# 64 px) differs by 3.9e-3 relative, brin's occlusion by 1.6e-3 (its largest drop is 1.8e-4 of its
+# largest logit, so it carries the forward pass's float32 error). docs/explain.md has the figures.
+DENSENET_OPEN = pytest.mark.xfail(strict=True, reason="densenet121's IG differs from captum by 3.9e-3 relative")
+BRIN_OCCLUSION_OPEN = pytest.mark.xfail(strict=True, reason="brin's occlusion differs from captum by 1.6e-3 "
+                                        "relative: its drops are 1.8e-4 of its logits")
 CAPTUM_CASES = [pytest.param(n, marks=[] if n in CAPTUM_FAST else [pytest.mark.slow] +
                              ([DENSENET_OPEN] if n == "densenet121" else [])) for n in CASES]
+OCCLUSION_CASES = [pytest.param(n, marks=[] if n in CAPTUM_FAST else [pytest.mark.slow] +
+                                ([BRIN_OCCLUSION_OPEN] if n == "brin" else [])) for n in CASES]
 
 
 @pytest.mark.parametrize("name", CAPTUM_CASES)
@@ -176,7 +180,7 @@ def test_integrated_gradients_match_captum(name):
             assert rel(np.asarray(attr), _nhwc(ref)) < 1e-4, (method, rel(np.asarray(attr), _nhwc(ref)))
 
 
-@pytest.mark.parametrize("name", CAPTUM_CASES)
+@pytest.mark.parametrize("name", OCCLUSION_CASES)
 def test_occlusion_matches_captum(name):
     tmodel, fmodel, variables, size = twins(name)
     x = _input(size)
