@@ -338,8 +338,6 @@ def gradient_shap(model, variables, images, baselines, key, samples: int = 20, s
     over `samples` draws of grad(b + a (x' - b)) * (x' - b), with b drawn from `baselines`
     (B, H, W, C), a ~ U(0, 1) and x' = x + N(0, stdev^2) noise. Deterministic for a given key.
     Returns (attributions, targets)."""
-    import jax.numpy as jnp
-
     x = _as_input(images)
     b = _as_input(baselines)
     if b.ndim != x.ndim or b.shape[1:] != x.shape[1:]:
@@ -353,7 +351,6 @@ def gradient_shap(model, variables, images, baselines, key, samples: int = 20, s
 @_jit(("model", "samples", "stdev", "chunk"))
 def _gradient_shap(model, variables, x, baselines, key, target, samples, stdev, chunk):
     import jax
-    import jax.numpy as jnp
 
     model = model.module
     target = _targets(model, variables, x, target)
@@ -395,7 +392,6 @@ def occlusion(model, variables, images, window: int = 8, stride: int = 4, baseli
 
 @_jit(("model", "chunk"))
 def _occlusion(model, variables, x, base, masks, target, chunk):
-    import jax
     import jax.numpy as jnp
 
     model = model.module

@@ -105,7 +105,6 @@ def export_onnx(workdir: str, out: str, checkpoint: str | int = "best", quantize
     """Write out (fp32) and, with quantize="int8", its int8 twin; the sidecar beside out. The
     paths written."""
     import jax
-    import torch
 
     import parity
     import torch_ref
