@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet --no-deps "$(TORCHVISION)"
-	$(BIN)/pip install --quiet -e ".[torch,cpu,serve,test]"
+	$(BIN)/pip install --quiet -e ".[torch,cpu,serve,edge,test]"
 	touch $@
 
 # The settings (model, size, smears, epochs, augmentation) are the recipe's: `jaxcell recipes`.

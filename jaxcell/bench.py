@@ -28,7 +28,9 @@ Frameworks: "jax", "torch", "torch-compile", "jax-baseline": jaxcell's step with
 adaptations (XLA's default compiler options and convolutions, the max-pool gradient XLA derives
 itself), and "jax-eigen": with them but XLA's own (Eigen) convolutions instead of oneDNN's
 (jaxcell.onednn), for before/after comparisons (docs/benchmarks.md); on GPUs both are the same as
-"jax". A runner that fails (torch.compile without a working C++ compiler, out of memory) is
+"jax". "onnx" and "onnx-int8" (fp32 inference, CPU): the twin exported as `jaxcell export
+--format onnx` writes it (preprocessing inside, uint8 in), run by onnxruntime in float and
+statically quantized (calibrated on the benchmark's own images: timing, not accuracy). A runner that fails (torch.compile without a working C++ compiler, out of memory) is
 recorded with its error; the others go on.
 
 Input pipeline (run_pipeline, `jaxcell bench --pipeline`): the trainer's step fed by the
@@ -62,7 +64,7 @@ from jaxcell import _malloc
 # OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-FRAMEWORKS = ("jax", "torch", "torch-compile", "jax-baseline", "jax-eigen")
+FRAMEWORKS = ("jax", "torch", "torch-compile", "jax-baseline", "jax-eigen", "onnx", "onnx-int8")
 MODES = ("train", "infer")
 PRECISIONS = ("fp32", "bf16")
 TRAIN_FLOPS_FACTOR = 3  # forward + backward (input and weight gradients, each about one forward)
@@ -223,6 +225,9 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                         runners.append(_Runner(fw, mode, precision, d, cfg.batch_size * d,
                                                setup.jax_builder(fw, mode, d),
                                                device_name=_short(jax.devices()[0].device_kind)))
+                elif fw.startswith("onnx"):
+                    runners.append(_Runner(fw, mode, precision, 1, cfg.batch_size, setup.onnx_builder(fw, mode),
+                                           device_name=cpu_name()))
                 else:
                     runners.append(_Runner(fw, mode, precision, 1, cfg.batch_size, setup.torch_builder(fw, mode),
                                            device_name=torch.cuda.get_device_name() if on_gpu else cpu_name()))
@@ -593,6 +598,37 @@ class _Setup:
                     torch.cuda.empty_cache()
 
             return one, release
+
+        return build
+
+
+    # --- onnxruntime ------------------------------------------------------------------------
+
+    def onnx_builder(self, framework: str, mode: str):
+        def build():
+            import tempfile
+
+            import onnxruntime as ort
+
+            from jaxcell import models
+            from jaxcell.onnx_export import quantize_int8, write_onnx
+
+            if mode != "infer" or self.precision != "fp32":
+                raise ValueError(f"{framework} measures fp32 inference only")
+            folder = tempfile.TemporaryDirectory()
+            path = os.path.join(folder.name, "model.onnx")
+            pre = {**models.spec(self.cfg.model).preprocessing, "image_size": self.cfg.image_size}
+            write_onnx(copy.deepcopy(self.torch_model), pre, path)
+            if framework == "onnx-int8":
+                quantize_int8(path, path + ".int8", self.images)
+                path += ".int8"
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            images = np.ascontiguousarray(self.images[:self.cfg.batch_size])
+
+            def one():
+                session.run(["probabilities"], {"images": images})
+
+            return one, folder.cleanup
 
         return build
 

@@ -5,16 +5,17 @@
     jaxcell recipes
     jaxcell evaluate  --workdir DIR [--workdir DIR ...] [--data DIR] [--split test] [--tta]
                       [--stain-shift S] [--fit-temperature] [--ood-data FOLDER] [--out report.json]
-    jaxcell predict   --workdir DIR [--cam OUTDIR] IMAGE...
+    jaxcell predict   --workdir DIR [--cam OUTDIR] [--explain ig --explain-out DIR] IMAGE...
     jaxcell serve     --workdir DIR | --weights FILE [--host 127.0.0.1] [--port 8000] [--token T]
                       [--max-upload-mb 20]
     jaxcell ood       --workdir DIR [--method combined] [--views 2]
     jaxcell report    --workdir DIR --out report.html [--data DIR] [--split test] [--ood-data FOLDER]
+                      [--faithfulness N]
     jaxcell audit     --data DIR [--json FILE]
     jaxcell table     --workdir DIR [--workdir DIR ...] [--split val] [--shift 0.03] [--markdown FILE]
                       [--save-records DIR];  or --records DIR [--records DIR ...]
     jaxcell parity    --model NAME [--image-size N] [--batch N] [--seed N] [--train-steps N]
-    jaxcell export    --workdir DIR --out FILE [--format safetensors|torch] [--checkpoint best|last]
+    jaxcell export    --workdir DIR --out FILE [--format safetensors|torch|onnx [--quantize int8]] [--checkpoint best|last]
     jaxcell import    --torch FILE --workdir DIR [--model NAME]
     jaxcell summary   [--model NAME] [--image-size N] [--format markdown]
     jaxcell bench     --model NAME --json FILE [--image-size N] [--batch-size N] [--precision fp32,bf16]
@@ -187,6 +188,8 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     _evaluation_args(r, ensemble=False)
     r.add_argument("--out", required=True, help="the HTML file; the figures are also written beside it as PNG")
     r.add_argument("--cams", type=int, default=8, metavar="N", help="Grad-CAM cases per gallery (right, wrong); 0: none")
+    r.add_argument("--faithfulness", type=int, default=0, metavar="N",
+                   help="deletion/insertion curves of the explanation methods on N images (use --split val)")
 
     tb = sub.add_parser("table", help="the paper's Table I, measured: one row per trained workdir and split")
     tb.add_argument("--workdir", action="append", default=[], help="a trained workdir; repeat for more rows")
@@ -221,6 +224,10 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     p.add_argument("--batch-size", type=positive, default=64)
     p.add_argument("--cam", metavar="OUTDIR", help="also write a Grad-CAM overlay PNG per image here")
     p.add_argument("--cam-layer", help="the layer for --cam (flax or torch module path); default per model")
+    p.add_argument("--explain", choices=["gradcam", "ig", "shap", "occlusion"],
+                   help="write an attribution overlay PNG and the raw attributions (.npy, NHWC) per image")
+    p.add_argument("--explain-out", metavar="DIR", help="where --explain writes")
+    p.add_argument("--explain-steps", type=positive, metavar="N", help="IG steps (default 50) or SHAP samples (20)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
 
     v = sub.add_parser("serve", help="serve a trained model over HTTP: a page, /predict, /model, /health")
@@ -269,10 +276,13 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
 
     x = sub.add_parser("export", help="a trained workdir -> a torch_ref state dict (+ FILE.json sidecar)")
     x.add_argument("--workdir", required=True)
-    x.add_argument("--format", choices=["safetensors", "torch"],
+    x.add_argument("--format", choices=["safetensors", "torch", "onnx"],
                    help="default: from the --out extension (.safetensors, or .pt/.pth for torch.save)")
     x.add_argument("--out", required=True, metavar="FILE")
     x.add_argument("--checkpoint", default="best", help="best, last or a step number")
+    x.add_argument("--quantize", choices=["int8"], help="onnx: also write FILE.int8.onnx (static QDQ)")
+    x.add_argument("--calibration-images", type=positive, default=200, metavar="N",
+                   help="--quantize: training images to calibrate on")
 
     i = sub.add_parser("import", help="a torch_ref state dict (.safetensors, .pt) -> a jaxcell workdir")
     i.add_argument("--torch", required=True, metavar="FILE")
@@ -293,7 +303,7 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
     b.add_argument("--model", required=True)
     b.add_argument("--image-size", type=positive)
     b.add_argument("--batch-size", type=positive, help="per device")
-    b.add_argument("--frameworks", type=_names, help="jax, torch, torch-compile, jax-baseline, jax-eigen (comma-separated)")
+    b.add_argument("--frameworks", type=_names, help="jax, torch, torch-compile, jax-baseline, jax-eigen, onnx, onnx-int8 (comma-separated)")
     b.add_argument("--modes", type=_names, default=["train", "infer"], help="train, infer (comma-separated)")
     b.add_argument("--precision", type=_names, default=["fp32"], help="fp32, bf16 (comma-separated)")
     b.add_argument("--steps", type=positive, help="timed steps (median reported)")
@@ -499,7 +509,7 @@ def cmd_report(args) -> int:
     if ood.load(args.workdir) is not None:
         measurement = ood.measure(evaluation.members[0], evaluation.images, evaluation.labels, args.ood_data,
                                   evaluation.result["data"], args.batch_size)
-    written = write_report(evaluation, args.out, cams=args.cams, ood=measurement)
+    written = write_report(evaluation, args.out, cams=args.cams, ood=measurement, faithfulness=args.faithfulness)
     print(f"report written to {written[0]} (figures beside it: "
           + ", ".join(os.path.basename(p) for p in written[1:]) + ")")
     return 0
@@ -543,12 +553,22 @@ def cmd_predict(args) -> int:
     images = load_images(args.images, predictor.image_size)
     out = predictor.outputs(images, args.batch_size)
     cams = _write_cams(args, predictor, images) if args.cam else [None] * len(args.images)
+    if args.explain:
+        from jaxcell.explain import write_explanations
+
+        if not args.explain_out:
+            raise UserError("--explain needs --explain-out DIR")
+        written = write_explanations(args.explain, predictor.model, predictor.variables,
+                                     predictor.record["preprocessing"], images, args.images, args.explain_out,
+                                     args.explain_steps, args.batch_size)
     answers = predictor.answers(out["logits"], out.get("features"), out.get("detector_logits"))
     for path, answer, cam in zip(args.images, answers, cams):
         # Keys without a value (no temperature, no detector) are left out, as before they existed.
         line = {"file": path, **{k: v for k, v in answer.items() if v is not None}}
         if cam:
             line["cam"] = cam
+        if args.explain:
+            line["explanation"] = written.pop(0)
         print(json.dumps(line))
     return 0
 
@@ -606,6 +626,15 @@ def cmd_export(args) -> int:
     which = int(args.checkpoint) if str(args.checkpoint).isdigit() else args.checkpoint
     if which not in ("best", "last") and not isinstance(which, int):
         raise UserError(f"--checkpoint must be best, last or a step number, not {args.checkpoint!r}")
+    if args.format == "onnx" or args.out.lower().endswith(".onnx"):
+        from jaxcell.onnx_export import export_onnx
+
+        written = export_onnx(args.workdir, args.out, which, args.quantize, args.calibration_images)
+        print(f"exported {args.workdir} ({args.checkpoint}) to {', '.join(written)}; "
+              f"run it with: python -m jaxcell.edge {args.out} IMAGE...")
+        return 0
+    if args.quantize:
+        raise UserError("--quantize applies to --format onnx only")
     weights, sidecar = export_workdir(args.workdir, args.out, args.format, which)
     print(f"exported {args.workdir} ({args.checkpoint}) to {weights} with sidecar {sidecar}; "
           f"in PyTorch: torch_ref.load({weights!r})")

@@ -211,3 +211,288 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
             (image.shape[1], image.shape[0]), Image.BILINEAR))
     heat = heat_colors(cam).astype(np.float32)
     return np.clip((1 - alpha) * image.astype(np.float32) + alpha * heat + 0.5, 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attributions w.r.t. the model input: integrated gradients, gradient SHAP, occlusion.
+#
+# Each takes the preprocessed float NHWC input and returns attributions of that shape (float32)
+# for one class per image (the predicted one unless given), computed on the logits: the same
+# numbers captum gives on the torch twin (tests/test_explain.py holds the two side by side).
+# The model (by identity: a module built from JSON holds lists, which do not hash) and the
+# static settings are jit's static arguments, so a second call with the same model object and
+# settings compiles nothing. `chunk` bounds memory: how many
+# steps (or samples, or patch positions) are vmapped at once; None vmaps them all.
+
+IG_METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+
+
+def ig_quadrature(steps: int, method: str = "gausslegendre") -> tuple[np.ndarray, np.ndarray]:
+    """(alphas, step sizes) of the path integral over [0, 1], captum's rules under captum's names."""
+    if method not in IG_METHODS:
+        raise UserError(f"unknown integration method {method!r}; known: {', '.join(IG_METHODS)}")
+    if steps < (1 if method == "gausslegendre" else 2):
+        raise UserError(f"integrated gradients with {method} need more steps than {steps}")
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        return 0.5 * (1 + nodes), 0.5 * weights
+    sizes = np.full(steps, 1 / steps)
+    alphas = {"riemann_left": np.linspace(0, 1 - 1 / steps, steps),
+              "riemann_right": np.linspace(1 / steps, 1, steps),
+              "riemann_middle": np.linspace(1 / (2 * steps), 1 - 1 / (2 * steps), steps),
+              "riemann_trapezoid": np.linspace(0, 1, steps)}[method]
+    if method == "riemann_trapezoid":
+        sizes[[0, -1]] /= 2
+    return alphas, sizes
+
+
+def _target_score(model, variables, target):
+    """z -> the sum over the batch of each image's logit of its target class (images are
+    independent in eval mode, so the gradient of the sum is each image's own gradient)."""
+    import jax.numpy as jnp
+
+    def score(z):
+        logits = model.apply(variables, z, train=False)
+        return jnp.take_along_axis(logits, target[:, None], axis=1).sum()
+    return score
+
+
+def _targets(model, variables, x, target):
+    import jax.numpy as jnp
+
+    if target is None:
+        return jnp.argmax(model.apply(variables, x, train=False), -1).astype(jnp.int32)
+    return jnp.broadcast_to(jnp.asarray(target, jnp.int32), (x.shape[0],))
+
+
+def _as_target(target):
+    return None if target is None else np.asarray(target, np.int32)
+
+
+def _as_input(x, like=None):
+    import jax.numpy as jnp
+
+    x = jnp.asarray(x, jnp.float32)
+    if like is not None:
+        x = jnp.broadcast_to(x, like.shape)
+    return x
+
+
+def integrated_gradients(model, variables, images, target=None, baseline=None, steps: int = 50,
+                         method: str = "gausslegendre", chunk: int | None = None):
+    """Integrated gradients (Sundararajan et al. 2017) along the straight path baseline -> x.
+
+    baseline: an array broadcastable to the input (default zeros of the model input, captum's);
+    method: one of IG_METHODS (captum's `method`). Returns (attributions, targets)."""
+    x = _as_input(images)
+    base = _as_input(0.0 if baseline is None else baseline, x)
+    alphas, sizes = ig_quadrature(steps, method)
+    return _integrated_gradients(_Same(model), variables, x, base, _as_target(target), alphas.astype(np.float32).tobytes(),
+                                 sizes.astype(np.float32).tobytes(), chunk)
+
+
+class _Same:
+    """A module as a static argument of jit, hashed by identity."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __hash__(self):
+        return id(self.module)
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.module is self.module
+
+
+def _vmap_chunks(f, xs, chunk):
+    """f over the leading axis of xs, vmapped in chunks of `chunk` (all at once when None)."""
+    import jax
+
+    return jax.vmap(f)(xs) if chunk is None else jax.lax.map(f, xs, batch_size=chunk)
+
+
+def _jit(static: tuple):
+    """jax.jit with static argument names, built on the first call: importing this module must
+    not import jax (torch_ref.explain reads TARGET_LAYERS without it)."""
+    import functools
+
+    def decorate(f):
+        compiled = []
+
+        @functools.wraps(f)
+        def call(*args, **kwargs):
+            if not compiled:
+                import jax
+
+                compiled.append(jax.jit(f, static_argnames=static))
+            return compiled[0](*args, **kwargs)
+        return call
+    return decorate
+
+
+@_jit(("model", "alphas", "sizes", "chunk"))
+def _integrated_gradients(model, variables, x, base, target, alphas, sizes, chunk):
+    import jax
+    import jax.numpy as jnp
+
+    model = model.module
+    alphas, sizes = (jnp.asarray(np.frombuffer(b, np.float32)) for b in (alphas, sizes))
+    target = _targets(model, variables, x, target)
+    score = _target_score(model, variables, target)
+    grads = _vmap_chunks(lambda a: jax.grad(score)(base + a * (x - base)), alphas, chunk)
+    return jnp.tensordot(sizes, grads, axes=1) * (x - base), target
+
+
+def gradient_shap(model, variables, images, baselines, key, samples: int = 20, stdev: float = 0.1,
+                  target=None, chunk: int | None = None):
+    """Gradient SHAP (expected gradients, Lundberg & Lee 2017; captum's GradientShap): the mean
+    over `samples` draws of grad(b + a (x' - b)) * (x' - b), with b drawn from `baselines`
+    (B, H, W, C), a ~ U(0, 1) and x' = x + N(0, stdev^2) noise. Deterministic for a given key.
+    Returns (attributions, targets)."""
+    x = _as_input(images)
+    b = _as_input(baselines)
+    if b.ndim != x.ndim or b.shape[1:] != x.shape[1:]:
+        raise UserError(f"gradient SHAP needs baselines shaped (B, {', '.join(map(str, x.shape[1:]))}), "
+                        f"got {tuple(b.shape)}")
+    if samples < 1:
+        raise UserError(f"gradient SHAP needs at least one sample, got {samples}")
+    return _gradient_shap(_Same(model), variables, x, b, key, _as_target(target), samples, float(stdev), chunk)
+
+
+@_jit(("model", "samples", "stdev", "chunk"))
+def _gradient_shap(model, variables, x, baselines, key, target, samples, stdev, chunk):
+    import jax
+
+    model = model.module
+    target = _targets(model, variables, x, target)
+    score = _target_score(model, variables, target)
+    n = x.shape[0]
+
+    def one(k):
+        kb, ka, kn = jax.random.split(k, 3)
+        b = baselines[jax.random.randint(kb, (n,), 0, baselines.shape[0])]
+        a = jax.random.uniform(ka, (n,) + (1,) * (x.ndim - 1))
+        noisy = x + stdev * jax.random.normal(kn, x.shape)
+        return jax.grad(score)(b + a * (noisy - b)) * (noisy - b)
+
+    return _vmap_chunks(one, jax.random.split(key, samples), chunk).mean(0), target
+
+
+def occlusion_masks(height: int, width: int, window: int, stride: int) -> np.ndarray:
+    """(P, H, W) float32: one square patch per position, row by row, patches wholly inside."""
+    if not 1 <= window <= min(height, width) or stride < 1:
+        raise UserError(f"occlusion window {window} and stride {stride} do not fit a {height}x{width} input")
+    rows, cols = range(0, height - window + 1, stride), range(0, width - window + 1, stride)
+    masks = np.zeros((len(rows) * len(cols), height, width), np.float32)
+    for p, (r, c) in enumerate((r, c) for r in rows for c in cols):
+        masks[p, r:r + window, c:c + window] = 1
+    return masks
+
+
+def occlusion(model, variables, images, window: int = 8, stride: int = 4, baseline=0.0, target=None,
+              chunk: int | None = None):
+    """Occlusion (Zeiler & Fergus 2014; captum's Occlusion with sliding window (C, w, w) and
+    strides (C, s, s)): each patch over all channels is replaced by the baseline, and every
+    pixel gets the mean drop of its target logit over the patches that cover it (0 where none
+    does). Returns (attributions, targets)."""
+    x = _as_input(images)
+    masks = occlusion_masks(x.shape[1], x.shape[2], int(window), int(stride))
+    return _occlusion(_Same(model), variables, x, _as_input(baseline, x), masks,
+                      _as_target(target), chunk)
+
+
+@_jit(("model", "chunk"))
+def _occlusion(model, variables, x, base, masks, target, chunk):
+    import jax.numpy as jnp
+
+    model = model.module
+    target = _targets(model, variables, x, target)
+
+    def logit(z):
+        return jnp.take_along_axis(model.apply(variables, z, train=False), target[:, None], axis=1)[:, 0]
+
+    full = logit(x)
+
+    def drop(m):
+        m = m[None, :, :, None]
+        return full - logit(x * (1 - m) + base * m)                             # (N,)
+
+    drops = _vmap_chunks(drop, masks, chunk)                                     # (P, N)
+    count = masks.sum(0)
+    total = jnp.einsum("pn,phw->nhw", drops, masks)
+    attr = jnp.where(count > 0, total / jnp.where(count > 0, count, 1), 0.0)
+    return jnp.broadcast_to(attr[..., None], x.shape), target
+
+
+# ---------------------------------------------------------------------------------------------
+# `jaxcell predict --explain`: every method on uint8 images, one overlay and one .npy per image.
+
+EXPLAIN_BATCH = 8      # images explained at once (each carries its steps or samples)
+EXPLAIN_CHUNK = 10     # steps, samples or patches vmapped at once: bounds memory
+
+
+def attribution_map(attributions: np.ndarray) -> np.ndarray:
+    """(..., H, W, C) attributions -> (..., H, W) evidence for the class: the channel sum, where
+    a pixel's channels add up to its contribution (integrated gradients' completeness)."""
+    return np.asarray(attributions, np.float32).sum(-1)
+
+
+def display_map(attributions: np.ndarray) -> np.ndarray:
+    """An overlay's [0, 1] map: |channel sum| over its 99th percentile (a few extreme pixels
+    would otherwise wash out the rest)."""
+    m = np.abs(attribution_map(attributions))
+    top = np.percentile(m, 99)
+    return np.clip(m / top, 0, 1) if top > 0 else np.zeros_like(m)
+
+
+def explain_batch(method: str, model, variables, x, steps: int | None = None, key_seed: int = 0):
+    """(attributions NHWC float32, targets) of the predicted class for model inputs x. Integrated
+    gradients with captum's defaults (Gauss-Legendre, 50 steps, zeros); SHAP over the zeros image
+    and 7 Gaussian-noise images (fixed key, 20 samples); occlusion with a patch of 1/8 of the
+    side moved by half a patch; Grad-CAM's map as one channel."""
+    import jax
+
+    x = np.asarray(x, np.float32)
+    if method == "ig":
+        attr, t = integrated_gradients(model, variables, x, steps=steps or 50, chunk=EXPLAIN_CHUNK)
+    elif method == "shap":
+        key = jax.random.key(key_seed)
+        noise = np.asarray(jax.random.normal(key, (7,) + x.shape[1:]), np.float32)
+        baselines = np.concatenate([np.zeros((1,) + x.shape[1:], np.float32), noise])
+        attr, t = gradient_shap(model, variables, x, baselines, jax.random.fold_in(key, 1), samples=steps or 20,
+                                chunk=EXPLAIN_CHUNK)
+    elif method == "occlusion":
+        window = max(x.shape[1] // 8, 1)
+        attr, t = occlusion(model, variables, x, window=window, stride=max(window // 2, 1), chunk=EXPLAIN_CHUNK)
+    elif method == "gradcam":
+        cam = gradcam(model, variables, x)
+        return cam.maps[..., None].astype(np.float32), cam.class_index
+    else:
+        raise UserError(f"unknown explanation {method!r}; known: gradcam, ig, shap, occlusion")
+    return np.asarray(attr, np.float32), np.asarray(t)
+
+
+def write_explanations(method: str, model, variables: dict, preprocessing: dict, images: np.ndarray,
+                       names: list[str], out_dir: str, steps: int | None = None,
+                       batch_size: int = EXPLAIN_BATCH) -> list[str]:
+    """Overlay PNG and raw attributions (1, H, W, C) .npy per image, named after it; the PNG paths."""
+    import os
+
+    from PIL import Image
+
+    from jaxcell.train import prepare
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    step = min(batch_size, EXPLAIN_BATCH)
+    for start in range(0, len(images), step):
+        chunk = images[start:start + step]
+        attr, _ = explain_batch(method, model, variables, prepare(chunk, preprocessing), steps)
+        for k, image in enumerate(chunk):
+            i = start + k
+            stem = os.path.join(out_dir, f"{i:04d}_{os.path.splitext(os.path.basename(names[i]))[0]}_{method}")
+            np.save(stem + ".npy", attr[k:k + 1])
+            shown = attr[k, ..., 0] if method == "gradcam" else display_map(attr[k])
+            Image.fromarray(overlay(image, shown)).save(stem + ".png")
+            written.append(stem + ".png")
+    return written

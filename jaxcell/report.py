@@ -239,10 +239,32 @@ th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%;display:
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em 1em}figure{margin:1em 0}"""
 
 
+def faithfulness_section(evaluation: Evaluation, count: int) -> tuple[object, str]:
+    """Deletion/insertion curves of every explanation method on the first `count` images of the
+    evaluated split (jaxcell.faithfulness): (figure, HTML table)."""
+    from jaxcell import faithfulness, models
+    from jaxcell.train import prepare
+
+    member = evaluation.members[0]
+    record = member.record
+    model = models.create(record["model"], **record["model_kwargs"])
+    variables = {"params": member.state.params, "batch_stats": member.state.batch_stats}
+    x = prepare(evaluation.images[:count], record["preprocessing"])
+    result = faithfulness.measure(model, variables, x)
+    table = _table(["method", "deletion AUC (lower: more faithful)", "insertion AUC (higher: more faithful)"],
+                   faithfulness.table_rows(result))
+    note = (f"<p>On the first {len(x)} images of the evaluated split: pixels removed (set to the zero model "
+            "input) or inserted in the order each method ranks them, most attributed first; random: a random "
+            "order. An explanation that points at what the model uses drops the probability faster than "
+            "random.</p>")
+    return faithfulness.curves_figure(result), note + table
+
+
 def write_report(evaluation: Evaluation, out: str, history: list[dict] | None = None, cams: int = 8,
-                 ood=None) -> list[str]:
+                 ood=None, faithfulness: int = 0) -> list[str]:
     """Write the HTML page and its PNG figures; returns the paths written (HTML first). ood: a
-    jaxcell.ood.Measurement of the evaluated images (and foreign ones), or None."""
+    jaxcell.ood.Measurement of the evaluated images (and foreign ones), or None. faithfulness:
+    images for the explanation methods' deletion/insertion section (0: none)."""
     r = evaluation.result
     names = r["class_names"]
     labels, probs = evaluation.labels, evaluation.probabilities
@@ -274,6 +296,11 @@ def write_report(evaluation: Evaluation, out: str, history: list[dict] | None = 
             else:
                 notes.append(f"No {'correct' if key == 'right' else 'wrong'} predictions to show.")
 
+    extra = {}
+    if faithfulness:
+        title = "Explanations: deletion and insertion curves"
+        fig, extra["faithfulness"] = faithfulness_section(evaluation, faithfulness)
+        figures.append(("faithfulness", title, fig))
     written, sections = [out], []
     for key, title, fig in figures:
         data = _png(fig)
@@ -282,7 +309,8 @@ def write_report(evaluation: Evaluation, out: str, history: list[dict] | None = 
             f.write(data)
         written.append(path)
         sections.append(f'<figure><h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" '
-                        f'src="data:image/png;base64,{base64.b64encode(data).decode()}"></figure>')
+                        f'src="data:image/png;base64,{base64.b64encode(data).decode()}"></figure>'
+                        + extra.get(key, ""))
 
     member_rows = [[m["model"], m["workdir"], str(m["checkpoint_step"]), str(m["image_size"])] for m in r["members"]]
     per_class = [[n, _fmt(c["precision"]), _fmt(c["recall"]), _fmt(c["f1"]), str(c["support"]),

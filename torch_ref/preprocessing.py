@@ -72,7 +72,12 @@ def clahe(images: torch.Tensor, clip_limit: float = 2.0,
 
     tiles = xp.reshape(b, tiles_y, th, tiles_x, tw).permute(0, 1, 3, 2, 4).reshape(b, t, area)
     offset = (torch.arange(b * t) * _BINS).reshape(b, t, 1)
-    hist = torch.bincount((offset + tiles).reshape(-1), minlength=b * t * _BINS).reshape(b, t, _BINS)
+    flat = (offset + tiles).reshape(-1)
+    if torch.onnx.is_in_onnx_export():  # ONNX has no bincount; a scatter-add counts the same
+        hist = torch.zeros(b * t * _BINS, dtype=torch.long).scatter_add(0, flat, torch.ones_like(flat))
+    else:
+        hist = torch.bincount(flat, minlength=b * t * _BINS)
+    hist = hist.reshape(b, t, _BINS)
     if clip_limit > 0:
         limit = max(int(clip_limit * area / _BINS), 1)
         excess = (hist - limit).clamp(min=0).sum(-1, keepdim=True)
