@@ -8,8 +8,8 @@ model's preprocessing inside: input "images" is uint8 NHWC at the model's size, 
 outputs "logits" and "probabilities" (softmax of the logits, no temperature: what `jaxcell
 predict` prints). The sidecar FILE.json says what a runner needs without jax or torch: class
 names, input size, preprocessing, the calibration temperature of the checkpoint when one was
-fitted (`jaxcell evaluate` fits it), and the OOD detector's parameters (None until the workdir
-has one; `ood_parameters` is the hook).
+fitted (`jaxcell evaluate` fits it), and the OOD detector's method and threshold where the workdir
+has one (`ood_parameters`; the edge runner does not score it yet).
 
 int8: onnxruntime's static quantization in QDQ form, per-channel int8 weights and uint8
 activations, calibrated (min-max) on N training images of the workdir's own split. Only the
@@ -89,15 +89,14 @@ def write_onnx(model, preprocessing: dict, out: str) -> None:
 
 
 def ood_parameters(workdir: str) -> dict | None:
-    """The workdir's OOD detector, for the sidecar. The hook for jaxcell.ood (not part of this
-    project yet): when it exists and the workdir holds a fitted detector, its parameters as
-    plain JSON go here, so an edge runner can flag out-of-distribution images."""
-    try:
-        from jaxcell import ood  # noqa: F401
-    except ImportError:
-        return None
-    read = getattr(ood, "read_detector", None)
-    return read(workdir) if read else None
+    """The workdir's out-of-distribution detector as the sidecar records it (jaxcell.ood: method,
+    threshold, what it was fitted on), or None when the run has none. The ONNX graph outputs only
+    the logits, not the feature blocks the detector scores, so the edge runner does not flag
+    images yet; `scored_by_edge_runner` says so to whoever reads the sidecar."""
+    from jaxcell import ood
+
+    detector = ood.load(workdir)
+    return None if detector is None else {**detector.describe(), "scored_by_edge_runner": False}
 
 
 def export_onnx(workdir: str, out: str, checkpoint: str | int = "best", quantize: str | None = None,
