@@ -6,6 +6,13 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAXCELL_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "jaxcell-test-cache"))
 
+from jaxcell import compilation_cache  # noqa: E402
+
+# Compiled programs are kept on disk, as the jaxcell command keeps them: the many subprocesses of the
+# suite (CLI runs, multi-process jobs) then compile each program once (set JAXCELL_COMPILATION_CACHE=0
+# to compile everything afresh).
+compilation_cache.enable()
+
 import pytest  # noqa: E402
 
 DEV_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "all4class-dev")
