@@ -423,8 +423,15 @@ def cmd_train(args) -> int:
     last = result.history[-1] if result.history else {}
     print(f"trained {args.model} in {result.seconds:.1f}s; last val accuracy "
           f"{last.get('val_accuracy', float('nan')):.4f}; workdir {args.workdir}")
-    if not args.no_ood and "val" in dataset.splits and len(dataset.splits["val"][1]):
-        _fit_ood(args.workdir, "best", None, None, args.batch_size, args.cache_dir, dataset)
+    if args.no_ood or "val" not in dataset.splits or not len(dataset.splits["val"][1]):
+        return 0
+    if jax.process_count() > 1:
+        # The fit restores the checkpoint and computes on this process alone, while the others have
+        # left: in a multi-process job it would wait for them for ever (it did, in test_preemption).
+        print(f"out-of-distribution detector not fitted in a multi-process job: run `jaxcell ood --workdir "
+              f"{args.workdir}` on one machine")
+        return 0
+    _fit_ood(args.workdir, "best", None, None, args.batch_size, args.cache_dir, dataset)
     return 0
 
 
