@@ -44,7 +44,7 @@ def test_the_trainer_gets_the_recipe_and_records_it(monkeypatch, capsys):
 
     monkeypatch.setattr(train_module, "train", fake_train)
     assert main(["train", "--recipe", "all4class-cpu", "--epochs", "1", "--image-size", "16",
-                 "--synthetic-examples", "24", "--workdir", "unused", "--no-progress"]) == 0
+                 "--synthetic-examples", "24", "--workdir", "unused", "--no-progress", "--no-ood"]) == 0
     config = seen["config"]
     assert config.recipe == f"all4class-cpu v{recipes.get('all4class-cpu').version}"
     assert config.model == recipes.get("all4class-cpu").settings["model"] and config.epochs == 1
