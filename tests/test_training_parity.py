@@ -78,14 +78,15 @@ def _momentum(value):
 
 
 # Each mismatch, injected into torch's side, against the float64 tolerance 1e-9: (patch, the step
-# where it must show, the least rel it must reach there). Step 1 of Adam is g / (|g| + eps) whatever
+# where it must show, the least rel it must reach there: a tenth of what it measured, while the
+# twins agree within 5e-16). Step 1 of Adam is g / (|g| + eps) whatever
 # the betas are; from step 2 on, they decide.
 MISMATCHES = {
-    "batchnorm momentum 0.11": (lambda mp: mp.setattr(training, "randomize_torch_model", _momentum(0.11)), 1, 1e-3),
+    "batchnorm momentum 0.11": (lambda mp: mp.setattr(training, "randomize_torch_model", _momentum(0.11)), 1, 3e-3),
     "adam b1 0.91": (lambda mp: mp.setitem(training.ADAM, "betas", (0.91, 0.999)), 2, 1e-5),
-    "adam b2 0.99": (lambda mp: mp.setitem(training.ADAM, "betas", (0.9, 0.99)), 2, 1e-6),
-    "adam eps 1e-7": (lambda mp: mp.setitem(training.ADAM, "eps", 1e-7), 1, 1e-7),
-    "weight decay 1e-4": (lambda mp: mp.setitem(training.ADAM, "weight_decay", 1e-4), 1, 1e-7),
+    "adam b2 0.99": (lambda mp: mp.setitem(training.ADAM, "betas", (0.9, 0.99)), 2, 3e-6),
+    "adam eps 1e-7": (lambda mp: mp.setitem(training.ADAM, "eps", 1e-7), 1, 6e-7),
+    "weight decay 1e-4": (lambda mp: mp.setitem(training.ADAM, "weight_decay", 1e-4), 1, 1e-3),
 }
 
 
