@@ -45,8 +45,8 @@ torch in float64 beside it: the drift of torch's own float32 run, the scale to j
   rounding error takes a step of random sign in each framework: the key bias of attention (its
   gradient is zero: softmax ignores a constant added to every score), weights that BatchNorm
   over a handful of values cancels, dead units, and in deep BatchNorm nets most weights.
-  `indeterminate` finds them at every step (zero gradient in float64, or torch's or jaxcell's
-  float32 gradient off from float64 by > 1%) and leaves them out; the table shows the share
+  `indeterminate` finds them at every step (torch's or jaxcell's float32 gradient off from
+  float64 by > 1%; a gradient exactly zero in all three, a dead unit's, is kept) and leaves them out; the table shows the share
   per tensor and in all (lightnetcell (8, 16, 16): 28% after 5 steps). Left in, they put
   1e-4..3e-3 in `rel` after one step.
 * A discontinuity decided differently by rounding (a pre-activation within ~1e-7 of 0 at a
@@ -179,31 +179,29 @@ def indeterminate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                   flax_grad: dict | None = None) -> dict[str, torch.Tensor]:
     """Per parameter, a mask of the elements whose float32 gradient (torch's in `model`'s .grad,
     just computed on x, y; and jaxcell's, `flax_grad` in torch layout, if given) is off by more
-    than 1% from the float64 gradient of a copy, or whose float64 gradient is zero (<= 1e-10 of
-    the model's largest).
+    than 1% from the float64 gradient of a copy.
 
     Adam divides each gradient by its own magnitude, so for those elements the step is decided
     by rounding and differs between any two float32 implementations (torch's own float32 run
     included): steps of up to lr, of either sign. They exist at every point, not by accident:
-    the key bias of attention (softmax does not see a constant added to every score: zero
-    gradient), weights along directions that attention or BatchNorm cancel, dead units, and in
-    deep BatchNorm nets most of the weights once the network is deep enough that float32's
-    rounding of the gradient is 1% of it. They are left out of the float32 verdict and counted,
-    per tensor, in the table; the float64 mode has no mask.
+    the key bias of attention (softmax does not see a constant added to every score: a gradient
+    of rounding noise), weights along directions that attention or BatchNorm cancel, and in deep
+    BatchNorm nets most of the weights. An element whose gradient is exactly zero in all three
+    (a dead unit) is kept: its step is exactly zero in both. The masked elements are left out of
+    the float32 verdict and counted, per tensor, in the table; the float64 mode has no mask.
     """
     m64 = copy.deepcopy(model).double().train()
     m64.zero_grad(set_to_none=True)
     F.cross_entropy(m64(x.double()), y).backward()
     params = dict(model.named_parameters())
-    g64 = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in m64.named_parameters()}
-    top = max((float(g.abs().max()) for g in g64.values() if g.numel()), default=0.0)
     out = {}
-    for k, g in g64.items():
-        mask = g.abs() <= 1e-10 * top
+    for k, p in m64.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        mask = torch.zeros(g.shape, dtype=torch.bool)
         for g32 in [params[k].grad] + ([] if flax_grad is None else [flax_grad[k]]):
             g32 = torch.zeros_like(g) if g32 is None else g32.double()
-            mask |= (g32 - g).abs() > 0.01 * g.abs()
-        out[k] = mask.cpu()
+            mask |= ((g32 - g).abs() > 0.01 * g.abs()).cpu()
+        out[k] = mask
     return out
 
 
@@ -237,8 +235,8 @@ def _train_parity(name, steps, image_size, batch, seed, lr, tolerance, float64, 
     if float64:
         variables, tmodel = cast_floats(variables, jax.numpy.float64), tmodel.double()
     kw = {**kw, "num_classes": int(getattr(tmodel, "num_classes", kw.get("num_classes", 4)))}
-    fmodel, schedule, tx, train_step, flax_gradient = _jax_side(name, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items())),
-                                                                  lr, steps, float64)
+    setup = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))  # hashable
+    fmodel, schedule, tx, train_step, flax_gradient = _jax_side(name, setup, lr, float64)
     preprocessing = {**spec.preprocessing, "image_size": image_size}
     state = TrainState.create(apply_fn=fmodel.apply, params=variables["params"], tx=tx,
                               batch_stats=variables.get("batch_stats", {}))
@@ -288,7 +286,7 @@ def _train_parity(name, steps, image_size, batch, seed, lr, tolerance, float64, 
 
 
 @functools.lru_cache(maxsize=8)
-def _jax_side(name: str, kw: tuple, lr: float, steps: int, float64: bool):
+def _jax_side(name: str, kw: tuple, lr: float, float64: bool):
     """(flax model, schedule, optimizer, jitted train step, jitted float32 gradient) for a setup.
 
     Kept per setup so that runs of one setup (seeds, injected mismatches, float64 evidence for a
@@ -299,11 +297,12 @@ def _jax_side(name: str, kw: tuple, lr: float, steps: int, float64: bool):
 
     fmodel = jaxcell.models.create(name, **dict(kw))
     preprocessing = {**jaxcell.models.spec(name).preprocessing, "image_size": dict(kw)["image_size"]}
-    # The trainer's optimizer; a constant learning rate (no warm-up), read from its own schedule
-    # for torch at every step, so a schedule or optimizer change there shows here.
+    # The trainer's optimizer; a constant learning rate (no warm-up, so the run's length does not
+    # enter: one compilation serves every number of steps), read from its own schedule for torch
+    # at every step, so a schedule or optimizer change there shows here.
     config = TrainConfig(lr=lr, schedule="constant", warmup_steps=0)
     train_step = jax.jit(make_train_step(preprocessing, augment=None, precision="fp64" if float64 else "fp32"))
-    return (fmodel, learning_rate(config, steps), make_optimizer(config, steps), train_step,
+    return (fmodel, learning_rate(config, 1), make_optimizer(config), train_step,
             jax.jit(_flax_gradient(fmodel, preprocessing)))
 
 
@@ -384,7 +383,7 @@ def format_table(rows: list[StepDiff], tolerance: float, sizes: dict[str, int] |
               "max-elem rel param", "where", "rel run_mean", "rel run_var", "counts", "first beyond tol")
     body = [(str(r.step), f"{r.loss_torch:.6f}", f"{r.loss_diff:.2e}", f"{r.param_rel:.2e}", r.param_worst,
              "-" if math.isnan(r.floor) else f"{r.floor:.2e}",
-             f"{sum(r.left_out.values()) / total:.1%}" if total else "-",
+             f"{100 * sum(r.left_out.values()) / total:.2g}%" if total else "-",
              f"{r.param_max_rel:.2e}", r.param_max_worst, f"{r.mean_rel:.2e}", f"{r.var_rel:.2e}",
              "equal" if r.counts_equal else "DIFFER", r.first_beyond or "-") for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
@@ -399,11 +398,11 @@ def format_table(rows: list[StepDiff], tolerance: float, sizes: dict[str, int] |
     if left_out:
         n = sum(left_out.values())
         notes.append(f"left out after step {rows[-1].step}: {n} of {total or '?'} parameter elements"
-                     + (f" ({n / total:.1%})" if total else "")
-                     + ", whose float32 gradient (torch's or jaxcell's) is off from float64 by > 1% or zero "
-                       "in float64, so that rounding decides their Adam step; per tensor:")
+                     + (f" ({100 * n / total:.2g}%)" if total else "")
+                     + ", whose float32 gradient (torch's or jaxcell's) is off from float64 by > 1%, so that "
+                       "rounding decides their Adam step; per tensor:")
         for k, m in left_out.items():
-            notes.append(f"  {k}: {m} of {sizes[k]} ({m / sizes[k]:.1%})" if sizes else f"  {k}: {m}")
+            notes.append(f"  {k}: {m} of {sizes[k]} ({100 * m / sizes[k]:.2g}%)" if sizes else f"  {k}: {m}")
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body), *notes])
 
 
