@@ -30,8 +30,9 @@ runs with precision "fp64", and jaxcell's CPU forms (custom VJPs of convolution,
 max-pool) compute in float64, their convolutions XLA's (oneDNN's are float32 only). Every element
 of every parameter and statistic is compared, with one seed and no retry. Rounding is 1e-16 there,
 so what float32 cannot resolve is resolved: at 32 px, batch 4, over 5 steps the twins agree
-within 1e-14 for lightnetcell and brin, 4e-11 for hybrid_vit, 5e-10 for resnet18 (see the
-README for every model). The table's floor column is then torch in float64 against itself started
+within 1e-14 for lightnetcell and brin, 4e-11 for hybrid_vit, 5e-10 for resnet18; resnet34
+from step 2 and resnet50 from step 1 are beyond 1e-9, and so is their floor (below; the README
+has every model). The table's floor column is then torch in float64 against itself started
 one rounding (2^-52) away: how far the trajectory itself carries a rounding. Deep BatchNorm nets
 at batch 4 amplify it about tenfold a step (BatchNorm over 4 values in 1x1 maps): resnet18's
 floor reaches 6e-10 at step 5, as far as jax is from torch. Mismatches injected into lightnetcell
@@ -47,7 +48,7 @@ torch in float64 beside it: the drift of torch's own float32 run, the scale to j
   over a handful of values cancels, dead units, and in deep BatchNorm nets most weights.
   `indeterminate` finds them at every step (torch's or jaxcell's float32 gradient off from
   float64 by > 1%; a gradient exactly zero in all three, a dead unit's, is kept) and leaves them out; the table shows the share
-  per tensor and in all (lightnetcell (8, 16, 16): 28% after 5 steps). Left in, they put
+  per tensor and in all (lightnetcell (8, 16, 16): 3 of 7,932 after 5 steps). Left in, they put
   1e-4..3e-3 in `rel` after one step.
 * A discontinuity decided differently by rounding (a pre-activation within ~1e-7 of 0 at a
   ReLU, a max-pool tie) moves one gradient entry by O(1): `rel` jumps at that step (1e-4 to
