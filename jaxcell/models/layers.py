@@ -209,7 +209,8 @@ class BatchNorm(nn.Module):
     the unbiased one. The difference is a factor n/(n-1), which is large for small feature
     maps, so we keep torch's convention and its counter, and the state dict converts 1:1.
     `momentum` is torch's: the weight of the new batch. Statistics are float32 whatever the
-    compute dtype (float64 when it is float64: parity's float64 mode). Under jit over a sharded batch the mean is global: synchronized BN.
+    compute dtype (float64 when it is float64: parity's float64 mode). Under jit over a sharded
+    batch the mean is global: synchronized BN.
     """
 
     momentum: float = 0.1
