@@ -31,7 +31,7 @@ max-pool) compute in float64, their convolutions XLA's (oneDNN's are float32 onl
 of every parameter and statistic is compared, with one seed and no retry. Rounding is 1e-16 there,
 so what float32 cannot resolve is resolved: at 32 px, batch 4, over 5 steps the twins agree
 within 1e-14 for lightnetcell and brin, 4e-11 for hybrid_vit, 5e-10 for resnet18; resnet34
-from step 2 and resnet50 from step 1 are beyond 1e-9, and so is their floor (below; the README
+from step 2, resnet50 and densenet121 from step 1 are beyond 1e-9, and so is their floor (below; the README
 has every model). The table's floor column is then torch in float64 against itself started
 one rounding (2^-52) away: how far the trajectory itself carries a rounding. Deep BatchNorm nets
 at batch 4 amplify it about tenfold a step (BatchNorm over 4 values in 1x1 maps): resnet18's

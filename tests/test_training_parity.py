@@ -68,7 +68,9 @@ def test_float64_training_parity_of_every_element_for_five_steps(name, kw):
     # after step 1 (jax 2.0e-8, at bn1.bias). Kept, and expected to fail, until a setup is found
     # where float64 resolves it (a larger batch is the first thing to try).
     pytest.param("resnet50", 1, marks=pytest.mark.xfail(strict=True, reason="float64's own floor is 1.6e-8")),
-    ("densenet121", 1),  # not yet measured in float64
+    # densenet121 likewise: 1.03e-9 after step 1 (features.norm0.bias), its floor 5.2e-10; by step 5
+    # both 5.4e-4.
+    pytest.param("densenet121", 1, marks=pytest.mark.xfail(strict=True, reason="float64's floor is 5e-10 at step 1")),
 ])
 def test_float64_training_parity_of_every_model_at_full_width(name, steps):
     rows = _assert_float64_parity(name, steps, {}) if steps > 1 else None
