@@ -14,7 +14,7 @@
     jaxcell audit     --data DIR [--json FILE]
     jaxcell table     --workdir DIR [--workdir DIR ...] [--split val] [--shift 0.03] [--markdown FILE]
                       [--save-records DIR];  or --records DIR [--records DIR ...]
-    jaxcell parity    --model NAME [--image-size N] [--batch N] [--seed N] [--train-steps N]
+    jaxcell parity    --model NAME [--image-size N] [--batch N] [--seed N] [--train-steps N] [--dtype float64]
     jaxcell export    --workdir DIR --out FILE [--format safetensors|torch|onnx [--quantize int8]] [--checkpoint best|last]
     jaxcell import    --torch FILE --workdir DIR [--model NAME]
     jaxcell summary   [--model NAME] [--image-size N] [--format markdown]
@@ -271,6 +271,8 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
                    help="also train both twins N Adam steps from the same weights and compare every step")
     q.add_argument("--lr", type=float, default=1e-3, help="with --train-steps")
     q.add_argument("--train-tolerance", type=float, help="with --train-steps (default: parity.training's)")
+    q.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="with --train-steps: float64 trains both twins in float64 and compares every element")
     q.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE",
                    help="with --train-steps: a constructor argument, e.g. widths=(8,16,16)")
 
@@ -619,12 +621,12 @@ def cmd_parity(args) -> int:
         return code
     from parity import training
 
-    tolerance = training.TRAIN_TOLERANCE if args.train_tolerance is None else args.train_tolerance
+    tolerance = training.TOLERANCES[args.dtype] if args.train_tolerance is None else args.train_tolerance
     print()
     return max(code, training.main(
         ["--model", args.model, "--train-steps", str(args.train_steps), "--image-size", str(args.image_size),
          "--batch", str(args.batch), "--seed", str(args.seed), "--lr", str(args.lr), "--tolerance", str(tolerance),
-         *[f"--model-arg={k}={v!r}" for k, v in args.model_arg]]))
+         "--dtype", args.dtype, *[f"--model-arg={k}={v!r}" for k, v in args.model_arg]]))
 
 
 def cmd_export(args) -> int:

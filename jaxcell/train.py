@@ -181,7 +181,8 @@ def standardize(x: jax.Array, preprocessing: dict) -> jax.Array:
     return (x - jnp.asarray(preprocessing["mean"], jnp.float32)) / jnp.asarray(preprocessing["std"], jnp.float32)
 
 
-COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+# "fp64" only under jax.enable_x64 (parity.training's float64 mode); the trainer offers fp32 and bf16.
+COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp64": jnp.float64}
 
 
 def cast_floats(tree, dtype):
@@ -227,7 +228,7 @@ def make_train_step(preprocessing: dict, augment: dict | None = None, precision:
                                               "batch_stats": state.batch_stats},
                                              x.astype(compute), train=True, rngs={"dropout": dropout_rng},
                                              mutable=["batch_stats"])
-            logits = logits.astype(jnp.float32)
+            logits = logits.astype(jnp.promote_types(compute, jnp.float32))  # float32 loss, float64 in fp64
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
             return loss, (logits, updates)
 

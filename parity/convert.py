@@ -400,9 +400,11 @@ def torch_to_flax(name: str, state_dict: Mapping[str, Any], **model_kwargs) -> d
     return _unflatten(flat)
 
 
-def flax_to_torch(name: str, variables: Mapping, **model_kwargs) -> dict[str, torch.Tensor]:
+def flax_to_torch(name: str, variables: Mapping, *, dtype: torch.dtype | None = None,
+                  **model_kwargs) -> dict[str, torch.Tensor]:
     """jaxcell variables ({"params", "batch_stats"}) -> a state dict that the torch_ref twin loads
-    with strict=True, in its own key order and dtypes. num_classes is read if not given."""
+    with strict=True, in its own key order and dtypes (floating ones in `dtype` if given: training
+    parity's float64 mode). num_classes is read if not given."""
     flat = _flatten(variables)
     given = {p: _shape(v) for p, v in flat.items()}
     kw = _resolve_kwargs(name, model_kwargs, given, "flax")
@@ -419,7 +421,8 @@ def flax_to_torch(name: str, variables: Mapping, **model_kwargs) -> dict[str, to
             y = np.asarray(flat[path])
             ins.append(y.astype(np.float32) if y.dtype.name == "bfloat16" else y)
         for key, x in zip(e.torch_keys, e.to_torch(ins)):
-            out[key] = torch.from_numpy(np.array(x)).to(plan.torch_shapes[key][1])
+            want = plan.torch_shapes[key][1]
+            out[key] = torch.from_numpy(np.array(x)).to(dtype if dtype is not None and want.is_floating_point else want)
     return {k: out[k] for k in plan.torch_shapes}
 
 

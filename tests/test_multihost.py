@@ -36,26 +36,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The 2-process job must be as close to 1 process x 4 devices as a mere change of summation order
+# takes a single process: the same global batch over 2 devices, or 1. Float32 rounding then sets
+# the bound, not a literal at its edge. A job that computed something else (a process feeding a
+# wrong block of the batch, a missing all-reduce) trains on other numbers and lands 1e-2 or more
+# away, orders of magnitude beyond it.
+REORDERING_MARGIN = 10
+
+
 def test_two_processes_match_one_process(tmp_path):
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+    reordered = {n: str(tmp_path / f"single-{n}") for n in (2, 1)}
     address = f"127.0.0.1:{free_port()}"
     workers = [launch([*ARGS, "--workdir", multi, "--coordinator-address", address, "--num-processes", "2",
                        "--process-id", str(i)], devices=2) for i in range(2)]
     # auto = device on CPUs: the 2-process job gathers its batches on the devices; the single
     # process is fed from the host, the other pipeline, for the same batches
-    finish(launch([*ARGS, "--workdir", single, "--input-pipeline", "host"], devices=4))
+    singles = [launch([*ARGS, "--workdir", d, "--input-pipeline", "host"], devices=n)
+               for n, d in [(4, single), *reordered.items()]]
     outputs = [finish(w) for w in workers]
+    for process in singles:
+        finish(process)
     assert "trained lightnetcell" in outputs[0] and "trained" not in outputs[1]  # only process 0 reports
     assert "input pipeline: device" in outputs[0] and "input pipeline" not in outputs[1]
 
-    history = [[json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))] for d in (single, multi)]
-    assert [h["step"] for h in history[0]] == [h["step"] for h in history[1]]
-    for a, b in zip(*history):
-        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-            assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    def history(workdir):
+        return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
-    states = [restore_for_inference(d, "last", devices=jax.devices()[:4])[0] for d in (single, multi)]
-    leaves = [jax.tree.leaves(jax.tree.map(local, {"p": s.params, "b": s.batch_stats})) for s in states]
-    worst = max(float(np.max(np.abs(x - y)) / (np.max(np.abs(x)) + 1e-12))
-                for x, y in zip(*leaves) if x.dtype.kind == "f")
-    assert worst < 1e-6, worst
+    base, other = history(single), history(multi)
+    assert [h["step"] for h in base] == [h["step"] for h in other]
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        drift = max(abs(a[key] - b[key]) for d in reordered.values() for a, b in zip(base, history(d)))
+        for a, b in zip(base, other):
+            assert abs(a[key] - b[key]) <= REORDERING_MARGIN * drift, (key, a[key], b[key], drift)
+
+    def leaves(workdir):
+        state = restore_for_inference(workdir, "last", devices=jax.devices()[:4])[0]
+        return [x for x in jax.tree.leaves(jax.tree.map(local, {"p": state.params, "b": state.batch_stats}))
+                if x.dtype.kind == "f"]
+
+    def worst(xs, ys):  # per leaf max|x - y| / max|x|, the worst leaf
+        return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(x)) + 1e-12)) for x, y in zip(xs, ys))
+
+    ref = leaves(single)
+    drift = max(worst(ref, leaves(d)) for d in reordered.values())
+    assert 0 < drift < 1e-4, drift  # the single-process runs differ, and only by rounding
+    assert worst(ref, leaves(multi)) <= REORDERING_MARGIN * drift, (worst(ref, leaves(multi)), drift)

@@ -1,8 +1,11 @@
 """Training parity (parity/training.py) and the reference PyTorch trainer (torch_ref/train.py).
 
-Training parity runs N Adam steps of both twins from the same weights on the same batches; at
-small sizes float32 drift stays below 1e-6 after 5 steps (see parity/training.py), so the
-tolerance 1e-5 separates it from real mismatches, which the tests below inject and catch.
+Training parity runs N Adam steps of both twins from the same weights on the same batches. In
+float64 every element of every parameter and BatchNorm statistic must agree within 1e-9 after each
+step, and mismatches injected below (BatchNorm momentum, Adam's betas and eps, weight decay) are
+orders of magnitude beyond that. In float32 (tolerance 2e-5) the elements whose Adam step rounding
+decides are left out and counted, and a further seed is tried only after float64 shows that the
+failing one met a rounding-decided discontinuity.
 """
 
 import json
@@ -18,26 +21,62 @@ import jaxcell.models
 import parity.training as training
 import torch_ref
 from jaxcell.cli import main as jaxcell_main
-from parity.training import TRAIN_TOLERANCE, no_dropout, train_parity
+from parity.training import FLOAT64_TOLERANCE, TRAIN_TOLERANCE, no_dropout, train_parity
 
 TINY = {"widths": (8, 16, 16), "hidden": 16}
+SMALL_VIT = {"depth": 1, "dim": 32, "heads": 2, "widths": (8, 8, 8)}
 SETUP = dict(image_size=32, batch=4, seed=0, lr=1e-3)
 
 
-def test_lightnetcell_trains_alike_for_five_steps():
-    # check() tries further seeds only if one meets a rounding-decided discontinuity (a ReLU input
-    # within ~1e-7 of 0): seed 0 needs none here, another CPU's rounding might.
-    passed, runs = training.check("lightnetcell", steps=5, **SETUP, **TINY)
-    rows = runs[-1][1]
-    table = training.format_table(rows, TRAIN_TOLERANCE)
-    assert passed, table
-    assert [r.step for r in rows] == [1, 2, 3, 4, 5]
+def _tables(runs, tolerance=TRAIN_TOLERANCE):
+    return "\n".join(f"seed {r.seed}\n" + training.format_table(r.rows, tolerance) for r in runs)
+
+
+# ----------------------------------------------------------------------------- float64: every element
+
+def _assert_float64_parity(name, steps, kw):
+    passed, runs = training.check(name, steps=steps, dtype="float64", **SETUP, **kw)
+    table = _tables(runs, FLOAT64_TOLERANCE)
+    assert passed and len(runs) == 1 and runs[0].seed == 0, table  # one seed, no retry
+    rows = runs[0].rows
+    assert [r.step for r in rows] == list(range(1, steps + 1))
     for r in rows:
-        assert r.within(TRAIN_TOLERANCE), table
-        assert r.first_beyond is None and r.counts_equal, table
-        assert r.loss_diff <= 1e-5 * abs(r.loss_torch), table
-        assert r.param_worst and 0 < r.param_rel  # the comparison saw real, non-identical numbers
+        assert r.worst <= FLOAT64_TOLERANCE and r.first_beyond is None and r.counts_equal, table
+        assert r.left_out == {}, table  # no mask: every element is compared
+        assert r.loss_diff <= 1e-12 * abs(r.loss_torch), table
+        assert 0 < r.param_rel  # real, non-identical numbers were compared
     assert rows[0].loss_torch != rows[1].loss_torch  # each step its own batch
+    return rows
+
+
+@pytest.mark.parametrize("name, kw", [("lightnetcell", TINY), ("brin", {"preset": "small"}),
+                                      ("hybrid_vit", SMALL_VIT)])
+def test_float64_training_parity_of_every_element_for_five_steps(name, kw):
+    rows = _assert_float64_parity(name, 5, kw)
+    if name == "brin":  # a BatchNorm net: its statistics were compared, not only its parameters
+        assert all(0 < r.mean_rel and 0 < r.var_rel for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, steps", [
+    ("lightnetcell", 5), ("brin", 5), ("hybrid_vit", 5), ("resnet18", 5),
+    # Deeper BatchNorm nets at batch 4 carry a single float64 rounding beyond 1e-9 within 5 steps:
+    # resnet34's torch alone, started 2^-52 away, is 8.8e-10 off at step 2 and 4e-9 at step 3, and
+    # jax tracks it (1.3e-9, 6.5e-9); the table's floor column shows it. One step is resolved.
+    ("resnet34", 1),
+    # resnet50 at 32 px, batch 4 not even for one step: torch alone from 2^-52 away is 1.6e-8 off
+    # after step 1 (jax 2.0e-8, at bn1.bias). Kept, and expected to fail, until a setup is found
+    # where float64 resolves it (a larger batch is the first thing to try).
+    pytest.param("resnet50", 1, marks=pytest.mark.xfail(strict=True, reason="float64's own floor is 1.6e-8")),
+    # densenet121 likewise: 1.03e-9 after step 1 (features.norm0.bias), its floor 5.2e-10; by step 5
+    # both 5.4e-4.
+    pytest.param("densenet121", 1, marks=pytest.mark.xfail(strict=True, reason="float64's floor is 5e-10 at step 1")),
+])
+def test_float64_training_parity_of_every_model_at_full_width(name, steps):
+    rows = _assert_float64_parity(name, steps, {}) if steps > 1 else None
+    if rows is None:  # one step: _assert_float64_parity's check that the batches differ needs two
+        passed, runs = training.check(name, steps=1, dtype="float64", **SETUP)
+        assert passed and runs[0].rows[0].worst <= FLOAT64_TOLERANCE, _tables(runs, FLOAT64_TOLERANCE)
 
 
 def _momentum(value):
@@ -53,24 +92,80 @@ def _momentum(value):
     return randomize
 
 
-def test_a_batchnorm_momentum_mismatch_is_caught_at_step_one_and_named(monkeypatch):
+# Each mismatch, injected into torch's side, against the float64 tolerance 1e-9: (patch, the step
+# where it must show, the least rel it must reach there: a tenth of what it measured, while the
+# twins agree within 5e-16). Step 1 of Adam is g / (|g| + eps) whatever
+# the betas are; from step 2 on, they decide.
+MISMATCHES = {
+    "batchnorm momentum 0.11": (lambda mp: mp.setattr(training, "randomize_torch_model", _momentum(0.11)), 1, 3e-3),
+    "adam b1 0.91": (lambda mp: mp.setitem(training.ADAM, "betas", (0.91, 0.999)), 2, 1e-5),
+    "adam b2 0.99": (lambda mp: mp.setitem(training.ADAM, "betas", (0.9, 0.99)), 2, 3e-6),
+    "adam eps 1e-7": (lambda mp: mp.setitem(training.ADAM, "eps", 1e-7), 1, 6e-7),
+    "weight decay 1e-4": (lambda mp: mp.setitem(training.ADAM, "weight_decay", 1e-4), 1, 1e-3),
+}
+
+
+@pytest.mark.parametrize("mismatch", list(MISMATCHES))
+def test_an_injected_mismatch_fails_float64_parity(monkeypatch, mismatch):
+    patch, step, least = MISMATCHES[mismatch]
+    patch(monkeypatch)
+    passed, runs = training.check("lightnetcell", steps=2, dtype="float64", seeds=3, **SETUP, **TINY)
+    table = _tables(runs, FLOAT64_TOLERANCE)
+    assert not passed and len(runs) == 1, table  # no retry in float64
+    rows = runs[0].rows
+    assert all(r.within(FLOAT64_TOLERANCE) for r in rows[:step - 1]), table
+    assert rows[step - 1].worst >= least and rows[step - 1].first_beyond, table
+
+
+# ----------------------------------------------------------------------------- float32
+
+def test_float32_seed_0_alone_trains_alike_for_five_steps():
+    passed, runs = training.check("lightnetcell", steps=5, seeds=1, **SETUP, **TINY)
+    table = _tables(runs)
+    assert passed and [r.seed for r in runs] == [0], table
+    rows = runs[0].rows
+    assert [r.step for r in rows] == [1, 2, 3, 4, 5]
+    for r in rows:
+        assert r.within(TRAIN_TOLERANCE) and r.first_beyond is None and r.counts_equal, table
+        assert r.loss_diff <= 1e-5 * abs(r.loss_torch), table
+        assert r.param_worst and 0 < r.param_rel  # the comparison saw real, non-identical numbers
+    # the share left out is shown, per tensor and in all
+    sizes = training.parameter_sizes("lightnetcell", **TINY)
+    table = training.format_table(rows, TRAIN_TOLERANCE, sizes)
+    left = rows[-1].left_out
+    assert all(0 < n <= sizes[k] for k, n in left.items())
+    share = sum(left.values()) / sum(sizes.values())
+    assert share < 0.01, table  # dead units (gradient exactly zero in all three) are compared, not left out
+    assert not left or f"({100 * share:.2g}%)" in table
+    assert all(f"  {k}: {n} of {sizes[k]} ({100 * n / sizes[k]:.2g}%)" in table for k, n in left.items()), table
+
+
+def test_float32_batchnorm_momentum_mismatch_fails_without_retry_and_is_named(monkeypatch):
     monkeypatch.setattr(training, "randomize_torch_model", _momentum(0.11))
     passed, runs = training.check("lightnetcell", steps=1, **SETUP, **TINY)
-    assert not passed and len(runs) == 3  # every seed fails
-    assert all(row.mean_rel > 1e-3 for _, (row,) in runs)
-    # named as the first entry beyond (seed 1 also meets a ReLU discontinuity at step 1, which comes first)
-    assert runs[0][1][0].first_beyond == "block1.bn.running_mean"
+    assert not passed and len(runs) == 1  # float64 disagrees too: no second seed
+    (run,) = runs
+    assert run.rows[0].mean_rel > 1e-3 and run.rows[0].first_beyond == "block1.bn.running_mean"
+    assert run.float64_rows is not None and not run.rounding_only
+    assert run.float64_rows[0].mean_rel > 1e-3
 
 
-def test_an_adam_mismatch_is_caught_once_the_moments_matter(monkeypatch):
-    # Step 1 of Adam is g / (|g| + eps) whatever b1 is; from step 2 on, b1 decides.
+def test_float32_adam_mismatch_is_caught_once_the_moments_matter(monkeypatch):
     monkeypatch.setitem(training.ADAM, "betas", (0.91, 0.999))
     passed, runs = training.check("lightnetcell", steps=3, seeds=2, **SETUP, **TINY)
-    assert not passed
+    assert not passed and len(runs) == 1 and not runs[0].rounding_only
     parameters = dict(torch_ref.create("lightnetcell", **TINY).named_parameters())
-    for _, rows in runs:
-        assert not rows[2].within(TRAIN_TOLERANCE)
-        assert rows[2].first_beyond in parameters
+    rows = runs[0].rows
+    assert rows[0].within(TRAIN_TOLERANCE) and not rows[2].within(TRAIN_TOLERANCE)
+    assert rows[2].first_beyond in parameters
+
+
+def test_a_float32_retry_needs_float64_agreement(monkeypatch):
+    # A seed that fails in float32 is retried only when float64 shows the twins agree (rounding at
+    # a discontinuity). Make float32 fail by rounding alone: the tolerance below float32's noise.
+    passed, runs = training.check("lightnetcell", steps=1, seeds=2, tolerance=1e-12, **SETUP, **TINY)
+    assert not passed and [r.seed for r in runs] == [0, 1]
+    assert all(r.rounding_only and len(r.float64_rows) == 1 for r in runs)
 
 
 def test_dropout_is_set_to_zero_for_every_dropout_argument():
@@ -79,30 +174,43 @@ def test_dropout_is_set_to_zero_for_every_dropout_argument():
     assert no_dropout("resnet18", {}) == {}
     with pytest.raises(ValueError, match="'dropout' still drops with p=0.5"):
         train_parity("lightnetcell", steps=1, **SETUP, dropout=0.5, **TINY)
+    with pytest.raises(ValueError, match="dtype must be one of float32, float64, not 'float16'"):
+        train_parity("lightnetcell", steps=1, **SETUP, dtype="float16", **TINY)
 
 
-def test_the_command_prints_the_table_and_passes(capsys):
+def test_float64_mode_leaves_jax_in_float32():
+    train_parity("lightnetcell", steps=1, dtype="float64", **SETUP, **TINY)
+    assert not jax.config.jax_enable_x64 and jax.numpy.zeros(1).dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_command_prints_the_table_and_passes(capsys, dtype):
     code = jaxcell_main(["parity", "--model", "lightnetcell", "--image-size", "32", "--batch", "4",
-                         "--train-steps", "2", "--model-arg", "widths=(8,16,16)", "--model-arg", "hidden=16"])
+                         "--train-steps", "2", "--dtype", dtype,
+                         "--model-arg", "widths=(8,16,16)", "--model-arg", "hidden=16"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "training parity lightnetcell: 2 Adam steps" in out and "PASS" in out
+    assert "training parity lightnetcell: 2 Adam steps" in out and f"seed 0, dropout 0, no augmentation, {dtype}" in out
+    assert "PASS: seed 0 within " + ("1e-09" if dtype == "float64" else "2e-05") in out, out
+    assert ("torch32 vs 64" in out) == (dtype == "float32")
+    assert ("torch64 1-rounding start" in out) == (dtype == "float64")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, steps, kw", [
     ("lightnetcell", 5, TINY),
     ("brin", 5, {"preset": "small"}),
-    ("hybrid_vit", 5, {"depth": 1, "dim": 32, "heads": 2, "widths": (8, 8, 8)}),
+    ("hybrid_vit", 5, SMALL_VIT),
     # Deep BatchNorm nets at 32 px: torch's own float32 run leaves its float64 run by 1e-2
-    # after step 1 (see parity/training.py), so one step is what float32 Adam resolves.
+    # after step 1 (see parity/training.py), so one step is what float32 Adam resolves; the
+    # float64 test above covers five.
     ("resnet18", 1, {}),
     ("densenet121", 1, {}),
 ])
-def test_every_model_trains_alike_at_small_sizes(name, steps, kw):
+def test_every_model_trains_alike_in_float32_at_small_sizes(name, steps, kw):
     assert name in jaxcell.models.names()
     passed, runs = training.check(name, steps=steps, **SETUP, **kw)
-    assert passed, "\n".join(training.format_table(rows, TRAIN_TOLERANCE) for _, rows in runs)
+    assert passed, _tables(runs)
 
 
 # ----------------------------------------------------------------------------- torch_ref.train

@@ -216,7 +216,8 @@ class BatchNorm(nn.Module):
     the unbiased one. The difference is a factor n/(n-1), which is large for small feature
     maps, so we keep torch's convention and its counter, and the state dict converts 1:1.
     `momentum` is torch's: the weight of the new batch. Statistics are float32 whatever the
-    compute dtype. Under jit over a sharded batch the mean is global: synchronized BN.
+    compute dtype (float64 when it is float64: parity's float64 mode). Under jit over a sharded
+    batch the mean is global: synchronized BN.
     """
 
     momentum: float = 0.1
@@ -245,8 +246,13 @@ class BatchNorm(nn.Module):
         return _normalize(x, running_mean.value, running_var.value, scale, bias, self.epsilon)
 
 
+def _stats_dtype(x: jax.Array):
+    """float32 for bfloat16 and float32 activations, float64 for float64 ones."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def _normalize(x, mean, var, scale, bias, epsilon):
-    return ((x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias).astype(x.dtype)
+    return ((x.astype(_stats_dtype(x)) - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -254,7 +260,7 @@ def _batch_norm_train(x, scale, bias, epsilon):
     """Training-mode BatchNorm: (y, batch mean, biased batch variance); statistics in float32.
     Its custom gradient is torch's, two sums over dy: XLA's autodiff of the two-pass variance
     makes five, each a pass over the activations on a CPU."""
-    xf = x.astype(jnp.float32)
+    xf = x.astype(_stats_dtype(x))
     axes = tuple(range(x.ndim - 1))
     mean = xf.mean(axes)
     # Two-pass: no cancellation. One reduction of (x, x^2) would be one all-reduce under a sharded
@@ -275,8 +281,8 @@ def _batch_norm_train_bwd(epsilon, residuals, cotangents):
     dy, dmean, dvar = cotangents
     axes, n = tuple(range(x.ndim - 1)), x.size // x.shape[-1]
     rstd = jax.lax.rsqrt(var + epsilon)
-    centred = x.astype(jnp.float32) - mean
-    g = dy.astype(jnp.float32)
+    centred = x.astype(_stats_dtype(x)) - mean
+    g = dy.astype(_stats_dtype(x))
     dbias = g.sum(axes)
     dscale = (g * centred).sum(axes) * rstd
     # y = scale * rstd * (x - mean) + bias with mean and var functions of x; mean and var are
