@@ -31,18 +31,29 @@ def _machine_kind() -> str:
     return hashlib.sha256(f"{platform.machine()}\0{flags}".encode()).hexdigest()[:12]
 
 
-def enable() -> Path | None:
-    """Points JAX's persistent compilation cache at this machine kind's folder; returns it, or None
-    when JAXCELL_COMPILATION_CACHE=0."""
+def enable(directory: str | os.PathLike | None = None,
+           min_compile_seconds: float = MIN_COMPILE_SECONDS) -> Path | None:
+    """Points JAX's persistent compilation cache at `directory` (default: this machine kind's
+    folder) and keeps programs that took at least `min_compile_seconds` to compile; returns the
+    folder, or None when JAXCELL_COMPILATION_CACHE=0."""
     if os.environ.get("JAXCELL_COMPILATION_CACHE", "1") == "0":
         return None
-    path = cache_dir("xla") / _machine_kind()
-    settings = {"jax_compilation_cache_dir": str(path),
-                "jax_persistent_cache_min_compile_time_secs": MIN_COMPILE_SECONDS}
+    path = Path(directory) if directory is not None else cache_dir("xla") / _machine_kind()
+    _apply({"jax_compilation_cache_dir": str(path), "jax_persistent_cache_min_compile_time_secs": min_compile_seconds})
+    return path
+
+
+def disable() -> None:
+    """No persistent compilation cache for this process (from its next compilation on)."""
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_compilation_cache_dir", None)
+
+
+def _apply(settings: dict) -> None:
     if "jax" in sys.modules:
         for name, value in settings.items():
             sys.modules["jax"].config.update(name, value)
     else:  # read by jax when it is imported; a command that never needs jax does not pay for importing it
         for name, value in settings.items():
             os.environ[name.upper()] = str(value)
-    return path

@@ -273,8 +273,8 @@ def test_serving_an_exported_safetensors_file_gives_the_workdirs_logits(engine, 
 
 def test_a_restart_reads_the_program_from_the_persistent_cache(serve_workdir, tmp_path):
     """Two processes build the server's engine with one cache directory: the second compiles nothing."""
-    script = ("import json, sys; from jaxcell.serve.engine import Engine, enable_compilation_cache; "
-              "from jaxcell.inference import Predictor; enable_compilation_cache(sys.argv[2]); "
+    script = ("import json, sys; from jaxcell import compilation_cache; from jaxcell.serve.engine import Engine; "
+              "from jaxcell.inference import Predictor; compilation_cache.enable(sys.argv[2], min_compile_seconds=0); "
               "print(json.dumps(Engine(Predictor.load(sys.argv[1]), batch_size=2).startup))")
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     runs = []

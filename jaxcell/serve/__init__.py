@@ -52,19 +52,21 @@ def check_port(host: str, port: int) -> None:
 def command(args) -> int:
     import uvicorn
 
-    from jaxcell import cache_dir
+    from jaxcell import compilation_cache
     from jaxcell.inference import Predictor
     from jaxcell.serve.app import create_app
     from jaxcell.serve.card import model_card
-    from jaxcell.serve.engine import Engine, enable_compilation_cache
+    from jaxcell.serve.engine import Engine
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     check_exposure(args.host, token)  # before any work
     check_port(args.host, args.port)
     if args.max_upload_mb <= 0:
         raise UserError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-    if not args.no_compile_cache:
-        enable_compilation_cache(cache_dir("xla"))
+    if args.no_compile_cache:
+        compilation_cache.disable()
+    else:  # the command turned it on; small models compile in well under its threshold, so keep every program
+        compilation_cache.enable(min_compile_seconds=0.0)
     source = args.workdir or args.weights
     predictor = Predictor.load(source, args.checkpoint, fit_temperature=True, log=lambda m: print(f"serve: {m}"))
     engine = Engine(predictor, args.batch_size, args.max_wait_ms, args.cam_layer)

@@ -7,7 +7,7 @@ what is there, waits up to `max_wait_ms` for more until a batch is full, pads it
 compiled size that holds it and runs it. Concurrent requests thus share device batches, a lone
 request does not pay for a full batch of padding, and no request ever triggers a compilation.
 
-JAX's persistent compilation cache (under jaxcell.cache_dir("xla")) keeps the compiled program
+JAX's persistent compilation cache (jaxcell.compilation_cache) keeps the compiled program
 on disk, so a restart reads it back instead of compiling again.
 """
 
@@ -25,16 +25,6 @@ import numpy as np
 from jaxcell.errors import UserError
 
 log = logging.getLogger("jaxcell.serve")
-
-
-def enable_compilation_cache(directory) -> None:
-    """Keep compiled programs in `directory` (must run before the first compilation of the process)."""
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    # Small models compile in well under JAX's default 1 s threshold, and would never be kept.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 class _CacheEvents:
