@@ -12,10 +12,10 @@ train_accuracy, val_loss, val_accuracy, seconds), and instead of Orbax checkpoin
 dicts last.safetensors and best.safetensors (by validation accuracy) with their sidecars, which
 `torch_ref.load` reads and `jaxcell import --torch` turns into a jaxcell workdir.
 
-The model, optimizer and augmentation here are torch only. The data comes from jaxcell.data
-(numpy, PIL, TFDS: no jax today) and the per-model input normalization from jaxcell.models'
-registry, which imports flax and jax: running this trainer needs them installed (importing this
-module does not: both imports happen in main()).
+The model, optimizer and augmentation here are torch only. The settings and their flags come
+from jaxcell.settings, each model's input normalization and learning rate from jaxcell.twins, and
+the data from jaxcell.data (numpy, Pillow; TFDS for class folders): none of them imports jax, so
+this trainer runs without jax installed.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_ref
-from jaxcell import settings
+from jaxcell import data, settings, twins  # plain Python: no jax (tests/test_imports.py)
 from torch_ref import io
 from torch_ref.preprocessing import standardize
 
@@ -303,14 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = settings.fill(build_parser().parse_args(argv), twin=True)
     try:
-        from jaxcell import data, models  # these import jax: see the module docstring
-
         try:
-            config = settings.from_flags(args, default_lr=lambda name: models.spec(name).lr, twin=True)
+            config = settings.from_flags(args, default_lr=lambda name: twins.model_preset(name)["lr"], twin=True)
             torch_ref.create(config.model, image_size=config.image_size, **config.model_kwargs)  # fail before work
         except (ValueError, TypeError) as error:
             raise io.UserError(str(error)) from None
-        preprocessing = models.preprocessing(config.model, config.image_size, config.od_center)
+        preprocessing = twins.preprocessing(config.model, config.image_size, config.od_center)
         dataset = data.load(config.data, config.image_size, seed=data.split_seed(config.to_dict()),
                             synthetic_examples=config.synthetic_examples, cache_dir=args.cache_dir)
         print(f"{config.model} (torch) on {dataset.source}: "
