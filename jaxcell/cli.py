@@ -510,7 +510,7 @@ def cmd_export(args) -> int:
     if which not in ("best", "last") and not isinstance(which, int):
         raise UserError(f"--checkpoint must be best, last or a step number, not {args.checkpoint!r}")
     if args.format == "onnx" or args.out.lower().endswith(".onnx"):
-        from jaxcell.onnx_export import export_onnx
+        from parity.onnx_export import export_onnx
 
         written = export_onnx(args.workdir, args.out, which, args.quantize, args.calibration_images)
         print(f"exported {args.workdir} ({args.checkpoint}) to {', '.join(written)}; "

@@ -33,6 +33,7 @@ from jaxcell.checkpoint import Checkpoints
 from jaxcell.data import Dataset
 from jaxcell.data.augment import augment as augment_images
 from jaxcell.errors import UserError
+from jaxcell.export import torch_variables  # torch is imported only when it is called
 from jaxcell.models import layers
 from jaxcell.preprocessing import normalize, od_center
 from jaxcell.settings import TrainConfig  # noqa: F401  (the settings' one definition; imported from here too)
@@ -84,11 +85,7 @@ def make_optimizer(config: TrainConfig, total_steps: int = 1, steps_per_epoch: i
 def load_pretrained(config: TrainConfig, state: "TrainState", num_classes: int, log: Callable[[str], None]):
     """Start from a torch state dict (torchvision's own files included): every tensor that fits
     is taken; the head, trained for other classes, keeps its fresh initialization."""
-    import parity
-    from torch_ref.io import read_state_dict
-
-    loaded = parity.torch_to_flax(config.model, read_state_dict(config.init_from), image_size=config.image_size,
-                                  **config.model_kwargs)
+    loaded = torch_variables(config.init_from, config.model, image_size=config.image_size, **config.model_kwargs)
     fresh = {"params": state.params, "batch_stats": state.batch_stats}
     kept = []
 

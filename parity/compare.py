@@ -209,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     return run(args.model, args.image_size, args.batch, args.seed, args.tolerance, args.num_classes)
 
 
-def run(model: str, image_size: int = 224, batch: int = 2, seed: int = 0, tolerance: float = 1e-5,
-        num_classes: int | None = None) -> int:
+def run(model: str, image_size: int, batch: int, seed: int, tolerance: float, num_classes: int | None = None) -> int:
     """`main` without a command line (`jaxcell parity` calls it): print the table; 0 if every
     layer's max_rel <= tolerance, else 1."""
     kw = {} if num_classes is None else {"num_classes": num_classes}

@@ -494,8 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                args.seeds, args.dtype, **dict(args.model_arg))
 
 
-def run(model: str, train_steps: int = 5, image_size: int = 32, batch: int = 4, seed: int = 0, lr: float = 1e-3,
-        tolerance: float | None = None, seeds: int = 3, dtype: str = "float32", **kwargs) -> int:
+def run(model: str, train_steps: int, image_size: int, batch: int, seed: int, lr: float, tolerance: float | None = None,
+        seeds: int = 3, dtype: str = "float32", **kwargs) -> int:
     """`main` without a command line (`jaxcell parity --train-steps` calls it): print the per-step
     table; 0 if every step is within the tolerance (default: TOLERANCES[dtype]), else 1."""
     tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
