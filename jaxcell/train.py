@@ -36,7 +36,7 @@ from jaxcell.errors import UserError
 from jaxcell.export import torch_variables  # torch is imported only when it is called
 from jaxcell.models import layers
 from jaxcell.preprocessing import normalize, od_center
-from jaxcell.settings import TrainConfig  # noqa: F401  (the settings' one definition; imported from here too)
+from jaxcell.settings import TrainConfig  # defined once there, with its flags
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"

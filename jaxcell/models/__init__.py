@@ -20,7 +20,7 @@ from jaxcell.models.densenet import DenseNet121
 from jaxcell.models.hybrid import HybridViT
 from jaxcell.models.lightnetcell import LightNetCell
 from jaxcell.models.resnet import ResNet18, ResNet34, ResNet50
-from jaxcell.twins import IMAGENET, OD_SCALE  # noqa: F401  (read from here too)
+from jaxcell.twins import OD_SCALE  # noqa: F401  (jaxcell.models.OD_SCALE, as before)
 
 
 @dataclasses.dataclass(frozen=True)
