@@ -611,7 +611,7 @@ class _Setup:
             import onnxruntime as ort
 
             from jaxcell import models
-            from jaxcell.onnx_export import quantize_int8, write_onnx
+            from parity.onnx_export import quantize_int8, write_onnx
 
             if mode != "infer" or self.precision != "fp32":
                 raise ValueError(f"{framework} measures fp32 inference only")

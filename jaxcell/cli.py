@@ -25,52 +25,14 @@ Mistakes a user can fix (paths, names, files) end with one line on stderr and ex
 """
 
 import argparse
-import ast
-import dataclasses
 import json
 import os
 import signal
 import sys
 
+from jaxcell import settings
 from jaxcell.errors import UserError
-
-
-def model_arg(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:  # numpy's generators, which draw the split and the synthetic smears, refuse them
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def area_fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be an area fraction in (0, 1], got {text}")
-    return value
+from jaxcell.settings import model_arg, non_negative_float, non_negative_int, positive  # argparse types
 
 
 def _evaluation_args(e: argparse.ArgumentParser, ensemble: bool) -> None:
@@ -94,69 +56,18 @@ def _evaluation_args(e: argparse.ArgumentParser, ensemble: bool) -> None:
                    help="also measure the OOD detector: these images (any layout) against the evaluated ones")
 
 
-def add_run_args(t: argparse.ArgumentParser) -> None:
-    """The flags of a training run that `jaxcell train` and `python -m torch_ref.train` share: the
-    model, the data, the optimizer's schedule, the input and its augmentation."""
-    t.add_argument("--model", default="lightnetcell")
-    t.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE",
-                   help="a constructor argument of the model, e.g. --model-arg hidden=128")
-    t.add_argument("--data", help="a class-folder tree (<root>/<Class>/*.jpg, or a Kaggle layout); "
-                                  "none: synthetic smears")
-    t.add_argument("--image-size", type=positive, default=224)
-    t.add_argument("--epochs", type=positive, default=10)
-    t.add_argument("--batch-size", type=positive, default=32)
-    t.add_argument("--lr", type=float, help="Adam's peak learning rate (default: the model's own)")
-    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
-                   help="learning rate after the linear warm-up")
-    t.add_argument("--warmup-steps", type=int, metavar="N", help="default: a tenth of the run")
-    t.add_argument("--seed", type=non_negative_int, default=0,
-                   help="initialization, data order and augmentation; also the data split unless --split-seed")
-    t.add_argument("--split-seed", type=non_negative_int, metavar="N",
-                   help="the train/val/test split's seed, and the images' for synthetic smears (default: "
-                        "--seed): fix it to vary only the rest")
-    t.add_argument("--synthetic-examples", type=positive, default=1200)
-    add_input_args(t)
-
-
-def add_input_args(t: argparse.ArgumentParser) -> None:
-    """The model-input and augmentation flags (part of add_run_args)."""
-    t.add_argument("--no-augment", action="store_true", help="no flips, rotations, stain or colour jitter")
-    t.add_argument("--stain-jitter", type=float, default=0.05, metavar="S", help="HED jitter strength")
-    t.add_argument("--color-jitter", type=float, default=0.1, metavar="S")
-    t.add_argument("--crop-scale", type=area_fraction, default=1.0, metavar="S",
-                   help="random resized crops covering an area fraction in [S, 1] of the image (default 1: off)")
-    t.add_argument("--hue-jitter", type=non_negative_float, default=0.0, metavar="H",
-                   help="rotate the hue by up to H of a full turn, e.g. 0.05 (default 0: off)")
-    t.add_argument("--od-center", action="store_true",
-                   help="model input: per image, the optical density -ln(x) with its mean per channel removed, "
-                        "instead of mean/std (a stain's overall shift cancels)")
-
-
-def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser:
-    """The command line; `recipe_defaults` (train's argparse dests) replace train's defaults."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxcell", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model; no --data: synthetic smears")
     t.add_argument("--recipe", metavar="NAME",
                    help="start from a shipped training configuration (see `jaxcell recipes`); flags override it")
-    add_run_args(t)
-    t.add_argument("--init-from", metavar="FILE",
-                   help="fine-tune from a torch state dict (.pth/.pt/.safetensors; torchvision files as they are)")
-    t.add_argument("--freeze-backbone", action="store_true", help="train only the model's head")
-    t.add_argument("--head-epochs", type=int, default=0, metavar="N", help="train only the head for N epochs first")
-    t.add_argument("--backbone-lr-scale", type=float, metavar="S",
-                   help="backbone learning rate / head learning rate (default 0.1 with --init-from, else 1)")
-    t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
+    settings.add_flags(t)  # every TrainConfig field's flag
+    # What a run does besides its settings (not recorded in config.json's "train").
     t.add_argument("--log-every", type=positive, default=50, metavar="STEPS",
                    help="read loss, accuracy and finiteness from the device every STEPS steps and at each "
                         "epoch's end (default 50); the steps between run without waiting for it")
-    t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: bfloat16 compute, float32 parameters, optimizer state and statistics")
-    t.add_argument("--input-pipeline", choices=["auto", "device", "host"], default="auto",
-                   help="device: the training images stay on every device, each step sends indices; host: a "
-                        "thread gathers and sends batches ahead; auto: device when the training split fits "
-                        "in a quarter of the smallest device's memory")
     t.add_argument("--workdir", required=True)
     t.add_argument("--resume", action="store_true", help="continue the run in --workdir")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --workdir")
@@ -169,8 +80,6 @@ def build_parser(recipe_defaults: dict | None = None) -> argparse.ArgumentParser
                         "under SLURM or Open MPI these are detected")
     t.add_argument("--num-processes", type=positive)
     t.add_argument("--process-id", type=int)
-    if recipe_defaults:
-        t.set_defaults(**recipe_defaults)
 
     sub.add_parser("recipes", help="the shipped training configurations (jaxcell train --recipe NAME)")
 
@@ -340,31 +249,13 @@ def _write_json(path: str, result: dict, what: str) -> None:
     print(f"{what} written to {path}")
 
 
-# TrainConfig fields whose command-line flag has another name or meaning.
-_FLAG_OF_FIELD = {"model_kwargs": ("model_arg", lambda kw: list(kw.items())),
-                  "augment": ("no_augment", lambda on: not on)}
-
-
-def recipe_defaults(name: str) -> dict:
-    """A recipe's settings as `jaxcell train`'s argparse defaults."""
-    from jaxcell import recipes
-    from jaxcell.train import TrainConfig
-
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    out = {}
-    for key, value in recipes.get(name).settings.items():
-        if key not in fields:  # a recipe is code: a wrong key is our bug, not the user's
-            raise ValueError(f"recipe {name!r} sets {key!r}, which is not a TrainConfig field")
-        dest, convert = _FLAG_OF_FIELD.get(key, (key, lambda v: v))
-        out[dest] = convert(value)
-    return out
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse once; for `train --recipe NAME` parse again with the recipe's settings as defaults."""
+    """Parse once; `train`'s settings not given are the recipe's (--recipe NAME), else TrainConfig's defaults."""
     args = build_parser().parse_args(argv)
-    if args.command == "train" and args.recipe:
-        args = build_parser(recipe_defaults(args.recipe)).parse_args(argv)
+    if args.command == "train":
+        from jaxcell import recipes
+
+        settings.fill(args, recipes.get(args.recipe).settings if args.recipe else None)
     return args
 
 
@@ -380,7 +271,7 @@ def cmd_train(args) -> int:
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     from jaxcell import data, models
-    from jaxcell.train import TrainConfig, is_main_process, train
+    from jaxcell.train import is_main_process, train
 
     import jax
 
@@ -388,31 +279,18 @@ def cmd_train(args) -> int:
     if jax.process_count() > 1:  # every process's log says what it joined
         print(f"process {jax.process_index()}: {layout}", flush=True)
 
-    model_kwargs = dict(args.model_arg)
-    models.create(args.model, image_size=args.image_size, **model_kwargs)  # unknown names fail before any work
     recipe = None
     if args.recipe:
         from jaxcell import recipes
 
         r = recipes.get(args.recipe)
-        lacking = recipes.missing(r, vars(args))
+        recipe = f"{r.name} v{r.version}"
+    config = settings.from_flags(args, default_lr=lambda name: models.spec(name).lr, recipe=recipe)
+    models.create(config.model, image_size=config.image_size, **config.model_kwargs)  # unknown names fail first
+    if args.recipe:
+        lacking = recipes.missing(r, config.to_dict())
         if lacking:
             raise UserError(f"recipe {r.name} needs {lacking}")
-        recipe = f"{r.name} v{r.version}"
-    config = TrainConfig(model=args.model, model_kwargs=model_kwargs, image_size=args.image_size,
-                         epochs=args.epochs, batch_size=args.batch_size,
-                         seed=args.seed, split_seed=args.split_seed,
-                         lr=args.lr if args.lr is not None else models.spec(args.model).lr,
-                         data=os.path.abspath(args.data) if args.data else None,
-                         synthetic_examples=args.synthetic_examples, checkpoint_every=args.checkpoint_every,
-                         augment=not args.no_augment, stain_jitter=args.stain_jitter,
-                         color_jitter=args.color_jitter, crop_scale=args.crop_scale,
-                         hue_jitter=args.hue_jitter, od_center=args.od_center, precision=args.precision,
-                         input_pipeline=args.input_pipeline,
-                         schedule=args.schedule, warmup_steps=args.warmup_steps,
-                         init_from=os.path.abspath(args.init_from) if args.init_from else None,
-                         freeze_backbone=args.freeze_backbone, head_epochs=args.head_epochs,
-                         backbone_lr_scale=args.backbone_lr_scale, recipe=recipe)
     dataset = data.load(config.data, config.image_size, seed=data.split_seed(config.to_dict()),
                         synthetic_examples=config.synthetic_examples, cache_dir=args.cache_dir)
     if is_main_process():
@@ -612,21 +490,17 @@ def cmd_serve(args) -> int:
 
 def cmd_parity(args) -> int:
     from jaxcell import models
-    from parity.compare import main as parity_main
+    from parity import compare
 
     models.spec(args.model)
-    code = parity_main(["--model", args.model, "--image-size", str(args.image_size), "--batch", str(args.batch),
-                        "--seed", str(args.seed), "--tolerance", str(args.tolerance)])
+    code = compare.run(args.model, args.image_size, args.batch, args.seed, args.tolerance)
     if not args.train_steps:
         return code
     from parity import training
 
-    tolerance = training.TOLERANCES[args.dtype] if args.train_tolerance is None else args.train_tolerance
     print()
-    return max(code, training.main(
-        ["--model", args.model, "--train-steps", str(args.train_steps), "--image-size", str(args.image_size),
-         "--batch", str(args.batch), "--seed", str(args.seed), "--lr", str(args.lr), "--tolerance", str(tolerance),
-         "--dtype", args.dtype, *[f"--model-arg={k}={v!r}" for k, v in args.model_arg]]))
+    return max(code, training.run(args.model, args.train_steps, args.image_size, args.batch, args.seed, args.lr,
+                                  args.train_tolerance, dtype=args.dtype, **dict(args.model_arg)))
 
 
 def cmd_export(args) -> int:
@@ -636,7 +510,7 @@ def cmd_export(args) -> int:
     if which not in ("best", "last") and not isinstance(which, int):
         raise UserError(f"--checkpoint must be best, last or a step number, not {args.checkpoint!r}")
     if args.format == "onnx" or args.out.lower().endswith(".onnx"):
-        from jaxcell.onnx_export import export_onnx
+        from parity.onnx_export import export_onnx
 
         written = export_onnx(args.workdir, args.out, which, args.quantize, args.calibration_images)
         print(f"exported {args.workdir} ({args.checkpoint}) to {', '.join(written)}; "

@@ -11,9 +11,8 @@ spelling "layer4.1" is accepted too). Its activation A is found without touching
 delta = 0; the gradient of the class score with respect to delta is dScore/dA. A token sequence
 (B, L, E) with L a square number (the transformer of hybrid_vit) is read as an L = g x g grid.
 
-TARGET_LAYERS below is the one place that declares each model's default layer; torch_ref.explain
-reads it too. This module imports jax only inside the functions that need it, so that reading
-the table costs nothing (torch_ref never imports jax).
+Each model's default layer is declared once, in jaxcell.twins.TARGET_LAYERS (torch_ref.explain
+reads it too). This module imports jax only inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -25,22 +24,8 @@ import re
 import numpy as np
 
 from jaxcell.errors import UserError
-from jaxcell.twins import flax_path
+from jaxcell.twins import TARGET_LAYERS, flax_path
 
-# Default Grad-CAM layer per registered model: a regular expression over flax module paths
-# ("/"-joined); of the modules that match, the one called last is taken (so the pattern fits
-# every depth and width of a model). The last spatial feature map before pooling is the usual
-# choice: fine enough to localize, deep enough to carry the class.
-TARGET_LAYERS = {
-    "lightnetcell": r"block\d+",        # the last conv block (after its pool)
-    "resnet18": r"layer4_\d+",          # the last residual block
-    "resnet34": r"layer4_\d+",
-    "resnet50": r"layer4_\d+",
-    "densenet121": r"features",         # norm5, the last feature map
-    "brin": r"non_local",               # the last spatial block before the head
-    "hybrid_vit": r"norm",              # final LayerNorm over the token grid, before mean pooling
-}
-# A model missing from the table: the last module (any depth) whose output is a 4-D feature map.
 
 
 def torch_path_to_flax(path: str) -> str:
@@ -312,8 +297,7 @@ def _vmap_chunks(f, xs, chunk):
 
 
 def _jit(static: tuple):
-    """jax.jit with static argument names, built on the first call: importing this module must
-    not import jax (torch_ref.explain reads TARGET_LAYERS without it)."""
+    """jax.jit with static argument names, built on the first call (importing this module imports no jax)."""
     import functools
 
     def decorate(f):

@@ -10,6 +10,11 @@ reads (see torch_ref/io.py). An imported file becomes a workdir like one `jaxcel
 config.json and an Orbax checkpoint of a whole TrainState (fresh Adam moments, step 0), so
 evaluate, predict and `train --resume` (fine-tuning from the imported weights) work on it.
 Conversion is exact both ways: flax -> torch -> flax gives the same bits.
+
+This module is the one place jaxcell reads or writes torch's files (export, import, predict and
+serve of an exported file, `train --init-from`). Its imports of parity and torch_ref (and so of
+torch) happen inside its functions, so that training, evaluation and prediction of jaxcell's own
+runs import no torch (tests/test_imports.py).
 """
 
 from __future__ import annotations
@@ -49,6 +54,16 @@ def export_workdir(workdir: str, out: str, format: str | None = None,
                    "convolutions": record.get("convolutions")},
     }
     return io.write(out, state_dict, metadata, fmt)
+
+
+def torch_variables(path: str, model: str, **model_kwargs) -> dict:
+    """Flax variables of `model` from a torch state dict as it is, sidecar or not (torchvision's
+    own files included): `train --init-from`. Tensors whose shapes differ from the model's (a head
+    for other classes) come back as they are; the caller decides what to keep."""
+    import parity
+    from torch_ref.io import read_state_dict
+
+    return parity.torch_to_flax(model, read_state_dict(path), **model_kwargs)
 
 
 def default_metadata(name: str, model_kwargs: dict, num_classes: int) -> dict:

@@ -23,7 +23,8 @@ from typing import Callable
 import jax
 import numpy as np
 
-PIPELINES = ("auto", "device", "host")
+from jaxcell.settings import PIPELINES  # TrainConfig.input_pipeline's choices
+
 DEVICE_SHARE = 4  # "auto" keeps the split on the device when it takes at most 1/4 of the smallest one's memory
 PREFETCH = 2
 

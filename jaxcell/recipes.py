@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxcell.errors import UserError
+from jaxcell.settings import check_overlay, flag_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +26,12 @@ class Recipe:
     version: int
     summary: str
     hardware: str
-    settings: dict           # TrainConfig fields (model, image_size, epochs, lr, ...)
+    settings: dict           # an overlay of TrainConfig fields (model, image_size, epochs, lr, ...)
     needs: dict = dataclasses.field(default_factory=dict)  # TrainConfig field the user must supply -> what to give
+
+    def __post_init__(self):  # a wrong key is refused where the recipe is written, naming it
+        check_overlay(f"recipe {self.name!r}", self.settings)
+        check_overlay(f"recipe {self.name!r} (needs)", dict.fromkeys(self.needs))
 
 
 def _gpu(model: str, summary: str, **settings) -> Recipe:
@@ -86,7 +91,7 @@ def missing(recipe: Recipe, given: dict) -> str | None:
     """The first thing `recipe` needs that `given` (TrainConfig fields) lacks, as a flag and a hint."""
     for field, hint in recipe.needs.items():
         if not given.get(field):
-            return f"--{field.replace('_', '-')} {hint}"
+            return f"{flag_name(field)} {hint}"
     return None
 
 
@@ -95,6 +100,6 @@ def describe() -> str:
     width = max(len(n) for n in RECIPES)
     lines = []
     for r in RECIPES.values():
-        needs = f"; needs --{', --'.join(n.replace('_', '-') for n in r.needs)}" if r.needs else ""
+        needs = f"; needs {', '.join(flag_name(n) for n in r.needs)}" if r.needs else ""
         lines.append(f"{r.name:<{width}}  v{r.version}  {r.summary} [{r.hardware}{needs}]")
     return "\n".join(lines)

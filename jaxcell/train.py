@@ -33,53 +33,13 @@ from jaxcell.checkpoint import Checkpoints
 from jaxcell.data import Dataset
 from jaxcell.data.augment import augment as augment_images
 from jaxcell.errors import UserError
+from jaxcell.export import torch_variables  # torch is imported only when it is called
 from jaxcell.models import layers
 from jaxcell.preprocessing import normalize, od_center
+from jaxcell.settings import TrainConfig  # defined once there, with its flags
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    model: str = "lightnetcell"
-    model_kwargs: dict = dataclasses.field(default_factory=dict)
-    image_size: int = 224
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    seed: int = 0                      # initialization, data order, augmentation; the split unless split_seed
-    split_seed: int | None = None      # the train/val/test split's seed; None: seed
-    data: str | None = None            # a class-folder tree; None: synthetic smears
-    synthetic_examples: int = 1200
-    checkpoint_every: int = 0          # steps; 0: at the end of each epoch only
-    augment: bool = True               # flips and rotations, stain and colour jitter (and crops, hue if set)
-    stain_jitter: float = 0.05         # HED jitter strength
-    od_center: bool = False            # input: per-image centred optical density (jaxcell.models.OD_SCALE)
-    color_jitter: float = 0.1
-    crop_scale: float = 1.0            # random resized crops of area fraction in [crop_scale, 1]; 1: none
-    hue_jitter: float = 0.0            # hue rotation by up to this fraction of a full turn; 0: none
-    input_pipeline: str = "auto"       # "device", "host" or "auto" (jaxcell.pipeline)
-    precision: str = "fp32"            # "bf16": bfloat16 compute, float32 parameters, optimizer and statistics
-    schedule: str = "cosine"           # learning rate after warm-up: "cosine" decay or "constant"
-    warmup_steps: int | None = None    # None: a tenth of the run
-    init_from: str | None = None       # fine-tune from a torch state dict (.pth/.pt/.safetensors)
-    freeze_backbone: bool = False      # train only the model's head
-    head_epochs: int = 0               # train only the head for this many epochs first
-    backbone_lr_scale: float | None = None  # backbone lr / head lr; None: 0.1 when fine-tuning, else 1
-    recipe: str | None = None          # "NAME vN" when started from jaxcell.recipes
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def check(self) -> None:
-        """UserError for values no run can use (the CLI's argument types catch them first)."""
-        if not 0 < self.crop_scale <= 1:
-            raise UserError(f"crop_scale must be an area fraction in (0, 1], got {self.crop_scale}")
-        if not self.hue_jitter >= 0:
-            raise UserError(f"hue_jitter must be >= 0, got {self.hue_jitter}")
-        if self.input_pipeline not in pipeline.PIPELINES:
-            raise UserError(f"unknown input pipeline {self.input_pipeline!r}; use {', '.join(pipeline.PIPELINES)}")
 
 
 class TrainState(train_state.TrainState):
@@ -125,11 +85,7 @@ def make_optimizer(config: TrainConfig, total_steps: int = 1, steps_per_epoch: i
 def load_pretrained(config: TrainConfig, state: "TrainState", num_classes: int, log: Callable[[str], None]):
     """Start from a torch state dict (torchvision's own files included): every tensor that fits
     is taken; the head, trained for other classes, keeps its fresh initialization."""
-    import parity
-    from torch_ref.io import read_state_dict
-
-    loaded = parity.torch_to_flax(config.model, read_state_dict(config.init_from), image_size=config.image_size,
-                                  **config.model_kwargs)
+    loaded = torch_variables(config.init_from, config.model, image_size=config.image_size, **config.model_kwargs)
     fresh = {"params": state.params, "batch_stats": state.batch_stats}
     kept = []
 

@@ -1,7 +1,10 @@
 """What the flax models and their torch_ref twins share, in plain Python (no jax, no torch):
-the naming rule that maps one framework's module paths onto the other's, and the constructor
-checks of the configurable models, so both frameworks accept and refuse the same arguments
-with the same words."""
+the naming rule that maps one framework's module paths onto the other's, each model's presets
+(input normalization, learning rate, head, Grad-CAM layer), and the constructor checks of the
+configurable models, so both frameworks accept and refuse the same arguments with the same words.
+
+torch_ref imports this module (and jaxcell.settings, jaxcell.data) without jax: tests/test_imports.py
+checks that importing them loads no jax."""
 
 from collections.abc import Sequence
 
@@ -21,6 +24,67 @@ def flax_path(torch_path: str) -> tuple[str, ...]:
         elif seg:
             out.append(seg)
     return tuple(out)
+
+
+# --- presets per model -------------------------------------------------------------------------
+
+# torchvision's input normalization, so its ImageNet checkpoints see what they were trained on.
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+# Per model: input normalization of images scaled to [0, 1], (x - mean) / std (default: none);
+# Adam's peak learning rate when the user gives none (default 1e-3); the top-level module that
+# maps features to classes (default "head": replaced when fine-tuning for other classes, trained
+# alone with --head-epochs / --freeze-backbone).
+MODEL_PRESETS: dict[str, dict] = {
+    # A dense layer on flattened features has a huge fan-in (16,384 at 64 px): Adam's early,
+    # gradient-size-blind steps of about lr per weight then swamp it at 1e-3.
+    "lightnetcell": {"lr": 3e-4, "head": "fc2"},
+    "brin": {},
+    "hybrid_vit": {},
+    "resnet18": {"head": "fc", **IMAGENET},
+    "resnet34": {"head": "fc", **IMAGENET},
+    "resnet50": {"head": "fc", **IMAGENET},
+    "densenet121": {"head": "classifier", **IMAGENET},
+}
+
+# Optical-density centring (--od-center): the input is -ln(x) per channel minus its mean over the
+# image, divided by this (about the spread of the centred density on the ALL smears), instead of
+# the model's mean/std. A stain's overall shift (HED jitter, another lab's staining time) moves
+# every pixel's optical density by nearly the same amount per channel, so centring removes most
+# of it; what remains is the shape of the density map: nuclei, chromatin, cytoplasm.
+OD_SCALE = 0.25
+
+
+def model_preset(name: str) -> dict:
+    """A model's presets with every default filled in: mean, std, lr, head."""
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(sorted(MODEL_PRESETS))}")
+    return {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "lr": 1e-3, "head": "head", **MODEL_PRESETS[name]}
+
+
+def preprocessing(name: str, image_size: int, od_center: bool = False) -> dict:
+    """The input preprocessing a model trained at `image_size` declares (config.json, export sidecars)."""
+    p = model_preset(name)
+    pre = {"scale": 1 / 255, "mean": list(p["mean"]), "std": list(p["std"]), "image_size": image_size}
+    if od_center:
+        pre.update(mean=[0.0] * 3, std=[OD_SCALE] * 3, od_center=True)
+    return pre
+
+
+# Default Grad-CAM layer per model: a regular expression over flax module paths ("/"-joined); of
+# the modules that match, the one called last is taken (so the pattern fits every depth and width
+# of a model). The last spatial feature map before pooling is the usual choice: fine enough to
+# localize, deep enough to carry the class. A model missing here: the last module (any depth)
+# whose output is a 4-D feature map (jaxcell.explain.choose_layer).
+TARGET_LAYERS = {
+    "lightnetcell": r"block\d+",        # the last conv block (after its pool)
+    "resnet18": r"layer4_\d+",          # the last residual block
+    "resnet34": r"layer4_\d+",
+    "resnet50": r"layer4_\d+",
+    "densenet121": r"features",         # norm5, the last feature map
+    "brin": r"non_local",               # the last spatial block before the head
+    "hybrid_vit": r"norm",              # final LayerNorm over the token grid, before mean pooling
+}
 
 
 # --- BRIN -------------------------------------------------------------------------------------

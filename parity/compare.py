@@ -206,14 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--tolerance", type=float, default=1e-5, help="on max rel error per layer")
     args = p.parse_args(argv)
-    kw = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    rows = compare(args.model, image_size=args.image_size, batch=args.batch, seed=args.seed, **kw)
-    print(f"parity {args.model}: image {args.image_size}, batch {args.batch}, seed {args.seed}, "
+    return run(args.model, args.image_size, args.batch, args.seed, args.tolerance, args.num_classes)
+
+
+def run(model: str, image_size: int, batch: int, seed: int, tolerance: float, num_classes: int | None = None) -> int:
+    """`main` without a command line (`jaxcell parity` calls it): print the table; 0 if every
+    layer's max_rel <= tolerance, else 1."""
+    kw = {} if num_classes is None else {"num_classes": num_classes}
+    rows = compare(model, image_size=image_size, batch=batch, seed=seed, **kw)
+    print(f"parity {model}: image {image_size}, batch {batch}, seed {seed}, "
           f"float32, jax precision highest, torch TF32 off, eval mode")
-    print(format_table(rows, args.tolerance))
-    bad = [r for r in rows if not r.within(args.tolerance)]
+    print(format_table(rows, tolerance))
+    bad = [r for r in rows if not r.within(tolerance)]
     worst = max(rows, key=lambda r: r.max_rel if not math.isnan(r.max_rel) else math.inf)
     print(f"{len(rows)} layers; worst max rel error {worst.max_rel:.3e} at {worst.layer}; "
-          + (f"FAIL: {len(bad)} beyond {args.tolerance:g}, first {bad[0].layer}" if bad
-             else f"PASS (tolerance {args.tolerance:g})"))
+          + (f"FAIL: {len(bad)} beyond {tolerance:g}, first {bad[0].layer}" if bad
+             else f"PASS (tolerance {tolerance:g})"))
     return 1 if bad else 0

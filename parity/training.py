@@ -84,7 +84,7 @@ import torch
 import torch.nn.functional as F
 
 import jaxcell.models
-from jaxcell.cli import model_arg
+from jaxcell.settings import model_arg
 import torch_ref
 from parity.compare import _torch_full_precision, randomize_torch_model
 from parity.convert import flax_to_torch, torch_to_flax
@@ -490,16 +490,23 @@ def main(argv: list[str] | None = None) -> int:
                                                         "a failure shown to be rounding (see the module docstring)")
     p.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    tolerance = TOLERANCES[args.dtype] if args.tolerance is None else args.tolerance
-    kwargs = dict(args.model_arg)
-    passed, runs = check(args.model, args.train_steps, args.image_size, args.batch, args.seed, args.lr,
-                         tolerance, args.seeds, args.dtype, **kwargs)
-    sizes = (parameter_sizes(args.model, **{"image_size": args.image_size, **kwargs})
-             if args.dtype == "float32" else None)
+    return run(args.model, args.train_steps, args.image_size, args.batch, args.seed, args.lr, args.tolerance,
+               args.seeds, args.dtype, **dict(args.model_arg))
+
+
+def run(model: str, train_steps: int, image_size: int, batch: int, seed: int, lr: float, tolerance: float | None = None,
+        seeds: int = 3, dtype: str = "float32", **kwargs) -> int:
+    """`main` without a command line (`jaxcell parity --train-steps` calls it): print the per-step
+    table; 0 if every step is within the tolerance (default: TOLERANCES[dtype]), else 1."""
+    tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
+    passed, runs = check(model, train_steps, image_size, batch, seed, lr,
+                         tolerance, seeds, dtype, **kwargs)
+    sizes = (parameter_sizes(model, **{"image_size": image_size, **kwargs})
+             if dtype == "float32" else None)
     for run in runs:
-        print(f"training parity {args.model}: {args.train_steps} Adam steps (lr {args.lr:g}), image "
-              f"{args.image_size}, batch {args.batch}, seed {run.seed}, dropout 0, no augmentation, {args.dtype}")
-        print(format_table(run.rows, tolerance, sizes, args.dtype))
+        print(f"training parity {model}: {train_steps} Adam steps (lr {lr:g}), image "
+              f"{image_size}, batch {batch}, seed {run.seed}, dropout 0, no augmentation, {dtype}")
+        print(format_table(run.rows, tolerance, sizes, dtype))
         print(f"seed {run.seed}: {_verdict(run.rows, tolerance)}")
         if run.float64_rows is not None:
             worst = max(r.worst for r in run.float64_rows)
@@ -512,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                 if len(runs) > 1 else "")
         print(f"PASS: seed {runs[-1].seed} within {tolerance:g} at every step{note}")
         return 0
-    if args.dtype == "float64":
+    if dtype == "float64":
         floor = max(r.floor for r in runs[-1].rows)
         print(f"FAIL: beyond {tolerance:g} in float64"
               + (f"; torch alone, started one rounding away, drifts by {floor:.1e} here: the trajectory amplifies "

@@ -61,7 +61,7 @@ def onnx_probabilities(path, images):
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n == "densenet121" else [])
                                   for n in CASES])
 def test_onnx_matches_jaxcell_probabilities(name, tmp_path):
-    from jaxcell.onnx_export import export_onnx
+    from parity.onnx_export import export_onnx
 
     workdir, size = random_workdir(name, str(tmp_path))
     out = str(tmp_path / "model.onnx")
@@ -80,7 +80,7 @@ def test_onnx_matches_jaxcell_probabilities(name, tmp_path):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """lightnetcell's workdir exported as fp32 and int8 (calibrated on 32 synthetic images)."""
-    from jaxcell.onnx_export import export_onnx
+    from parity.onnx_export import export_onnx
 
     root = str(tmp_path_factory.mktemp("edge"))
     workdir, size = random_workdir("lightnetcell", root)
@@ -164,7 +164,7 @@ def test_compact_names_never_collide_with_kept_ones():
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from jaxcell.onnx_export import compact
+    from parity.onnx_export import compact
 
     x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 2])
     y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2])

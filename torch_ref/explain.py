@@ -4,9 +4,8 @@
     cam["maps"]  (N, H, W) in [0, 1]; cam["raw"] (N, h, w); cam["class_index"]; cam["layer"]
 
 The target layer is named by its torch module path ("block3", "layer4.1"); the flax spelling
-"layer4_1" is accepted too. The default per model is declared once, in jaxcell.explain's
-TARGET_LAYERS (read without importing jax: jaxcell/explain.py defers its jax imports), and
-resolved the same way: of the modules whose path (in the flax spelling) matches, the one that
+"layer4_1" is accepted too. The default per model is declared once, in jaxcell.twins.TARGET_LAYERS,
+and resolved the same way: of the modules whose path (in the flax spelling) matches, the one that
 runs last. A token sequence (N, L, E) with L = g * g is read as a g x g grid.
 """
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_ref
-from jaxcell.twins import flax_path  # plain Python: no jax
+from jaxcell.twins import TARGET_LAYERS, flax_path  # plain Python: no jax
 
 
 def flax_spelling(path: str) -> str:
@@ -39,8 +38,6 @@ def _candidates(model: torch.nn.Module, target_layer: str | None) -> tuple[dict[
         if want not in modules:
             raise ValueError(f"the model has no layer {target_layer!r}; its layers: {', '.join(modules)}")
         return {want: modules[want]}, "exact"
-    from jaxcell.explain import TARGET_LAYERS  # a plain table; no jax is imported
-
     pattern = TARGET_LAYERS.get(_registered_name(model))
     if pattern is None:
         return modules, "last 4-D"

@@ -15,10 +15,8 @@ gets lost; a sidecar, when present, wins.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +27,8 @@ from PIL import Image
 
 import torch_ref
 from torch_ref.preprocessing import standardize
-from jaxcell.errors import UserError  # jaxcell/errors.py and jaxcell/__init__.py import no jax
+from jaxcell.data.images import load_image  # jaxcell's own decoder: PIL and numpy, no jax
+from jaxcell.errors import UserError
 
 SIDECAR_SUFFIX = ".json"
 METADATA_KEY = "jaxcell"
@@ -199,24 +198,6 @@ def _args(kw: dict) -> str:
 
 # ----------------------------------------------------------------------------- images
 
-def _images_module():
-    """jaxcell/data/images.py, the decoder jaxcell itself uses (PIL and numpy only). Imported from
-    its file, not as jaxcell.data.images: that would run jaxcell/data/__init__.py, which imports
-    jax, and torch_ref must work without jax."""
-    name = "jaxcell.data.images"
-    if name in sys.modules:
-        return sys.modules[name]
-    private = "torch_ref._jaxcell_images"
-    if private not in sys.modules:
-        package = importlib.util.find_spec("jaxcell")
-        path = os.path.join(list(package.submodule_search_locations)[0], "data", "images.py")
-        spec = importlib.util.spec_from_file_location(private, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[private] = module
-    return sys.modules[private]
-
-
 def preprocess(images_or_paths: Any, model: nn.Module | Mapping) -> torch.Tensor:
     """Image files, or uint8 images (N, H, W, 3) / (H, W, 3) as numpy arrays or tensors, ->
     the model's input: float32 NCHW, exactly as jaxcell prepares it (decode and resize to
@@ -243,7 +224,6 @@ def _as_uint8(images: Any, size: int) -> np.ndarray:
     if isinstance(images, Sequence) and all(isinstance(p, (str, os.PathLike)) for p in images):
         if not images:
             raise WeightsError("no images given")
-        load_image = _images_module().load_image
         return np.stack([load_image(os.fspath(p), size) for p in images])
     arr = np.asarray(images)
     if arr.ndim == 3:

@@ -12,10 +12,10 @@ train_accuracy, val_loss, val_accuracy, seconds), and instead of Orbax checkpoin
 dicts last.safetensors and best.safetensors (by validation accuracy) with their sidecars, which
 `torch_ref.load` reads and `jaxcell import --torch` turns into a jaxcell workdir.
 
-The model, optimizer and augmentation here are torch only. The data comes from jaxcell.data
-(numpy, PIL, TFDS: no jax today) and the per-model input normalization from jaxcell.models'
-registry, which imports flax and jax: running this trainer needs them installed (importing this
-module does not: both imports happen in main()).
+The model, optimizer and augmentation here are torch only. The settings and their flags come
+from jaxcell.settings, each model's input normalization and learning rate from jaxcell.twins, and
+the data from jaxcell.data (numpy, Pillow; TFDS for class folders): none of them imports jax, so
+this trainer runs without jax installed.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_ref
-from jaxcell.cli import add_run_args  # the flags jaxcell train has too; jaxcell.cli imports no jax
+from jaxcell import data, settings, twins  # plain Python: no jax (tests/test_imports.py)
 from torch_ref import io
 from torch_ref.preprocessing import standardize
 
@@ -200,61 +200,50 @@ def _validate(model, dataset, preprocessing, batch_size, device) -> dict:
             "val_accuracy": float((logits.argmax(-1) == labels_t).double().mean())}
 
 
-def train(args: argparse.Namespace, dataset, preprocessing: dict, log=print) -> list[dict]:
-    """Train as `jaxcell train` does; returns the metrics history. `args` as parsed by main's parser."""
-    workdir = args.workdir
+def train(config: settings.TrainConfig, dataset, preprocessing: dict, workdir: str, overwrite: bool = False,
+          device: str | None = None, log=print) -> list[dict]:
+    """Train as `jaxcell train` does; returns the metrics history. The settings jaxcell's trainer
+    has alone (checkpoint_every, input_pipeline, precision, fine-tuning) stay at their defaults."""
     if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
-        if not args.overwrite:
+        if not overwrite:
             raise io.WeightsError(f"{workdir} already holds a run; pass --overwrite to start again")
         shutil.rmtree(workdir)
     os.makedirs(workdir, exist_ok=True)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     images, labels = dataset.splits["train"]
-    steps_per_epoch = len(labels) // args.batch_size
+    steps_per_epoch = len(labels) // config.batch_size
     if steps_per_epoch == 0:
-        raise io.WeightsError(f"the training split has {len(labels)} images, fewer than one batch of {args.batch_size}")
+        raise io.WeightsError(f"the training split has {len(labels)} images, fewer than one batch of "
+                              f"{config.batch_size}")
 
-    model_kwargs = {"num_classes": len(dataset.class_names), "image_size": args.image_size, **dict(args.model_arg)}
-    torch.manual_seed(args.seed)
-    model = torch_ref.create(args.model, **model_kwargs).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, **ADAM)
-    generator = torch.Generator().manual_seed(args.seed)
-    augmentation = None if args.no_augment else {"stain": args.stain_jitter, "color": args.color_jitter,
-                                                  "crop": args.crop_scale, "hue": args.hue_jitter}
+    model_kwargs = {"num_classes": len(dataset.class_names), "image_size": config.image_size, **config.model_kwargs}
+    torch.manual_seed(config.seed)
+    model = torch_ref.create(config.model, **model_kwargs).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, **ADAM)
+    generator = torch.Generator().manual_seed(config.seed)
+    augmentation = None if not config.augment else {"stain": config.stain_jitter, "color": config.color_jitter,
+                                                    "crop": config.crop_scale, "hue": config.hue_jitter}
     record = {
-        "model": args.model,
+        "model": config.model,
         "model_kwargs": model_kwargs,
         "class_names": list(dataset.class_names),
         "preprocessing": preprocessing,
         "data": {"source": dataset.source, "split_note": dataset.split_note,
                  "sizes": {k: int(len(v[1])) for k, v in dataset.splits.items()}},
-        # the keys of jaxcell.train.TrainConfig, so jaxcell reads this record as its own
-        "train": {"model": args.model, "model_kwargs": dict(args.model_arg), "image_size": args.image_size,
-                  "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                  "split_seed": args.split_seed,
-                  "data": os.path.abspath(args.data) if args.data else None,
-                  "synthetic_examples": args.synthetic_examples, "checkpoint_every": 0,
-                  "augment": not args.no_augment, "stain_jitter": args.stain_jitter,
-                  "color_jitter": args.color_jitter, "crop_scale": args.crop_scale,
-                  "hue_jitter": args.hue_jitter, "od_center": args.od_center, "precision": "fp32",
-                  "schedule": args.schedule, "warmup_steps": args.warmup_steps,
-                  "input_pipeline": "auto",  # jaxcell's: batches here are gathered on the host
-                  # fine-tuning is jaxcell's alone: from scratch here
-                  "init_from": None, "freeze_backbone": False, "head_epochs": 0, "backbone_lr_scale": None,
-                  "recipe": None},
+        "train": config.to_dict(),  # jaxcell's own record, so jaxcell reads this workdir as its own
         "framework": "torch",
     }
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         json.dump(record, f, indent=2)
 
-    total_steps = steps_per_epoch * args.epochs
+    total_steps = steps_per_epoch * config.epochs
     history, best, step, start = [], -math.inf, 0, time.perf_counter()
-    for epoch in range(args.epochs):
-        order = epoch_order(args.seed, epoch, len(labels))
+    for epoch in range(config.epochs):
+        order = epoch_order(config.seed, epoch, len(labels))
         sums = np.zeros(2)
         model.train()
         for i in range(steps_per_epoch):
-            idx = np.sort(order[i * args.batch_size:(i + 1) * args.batch_size])
+            idx = np.sort(order[i * config.batch_size:(i + 1) * config.batch_size])
             x = model_input(images[idx], preprocessing, device, generator, augmentation)
             y = torch.from_numpy(np.asarray(labels[idx])).long().to(device)
             logits = model(x)
@@ -262,7 +251,7 @@ def train(args: argparse.Namespace, dataset, preprocessing: dict, log=print) -> 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for group in opt.param_groups:
-                group["lr"] = learning_rate(step, args.lr, total_steps, args.warmup_steps, args.schedule)
+                group["lr"] = learning_rate(step, config.lr, total_steps, config.warmup_steps, config.schedule)
             opt.step()
             step += 1
             loss_value = loss.item()
@@ -272,7 +261,7 @@ def train(args: argparse.Namespace, dataset, preprocessing: dict, log=print) -> 
             sums += (loss_value, (logits.argmax(-1) == y).float().mean().item())
         entry = {"epoch": epoch + 1, "step": step, "train_loss": sums[0] / steps_per_epoch,
                  "train_accuracy": sums[1] / steps_per_epoch,
-                 **_validate(model, dataset, preprocessing, args.batch_size, device),
+                 **_validate(model, dataset, preprocessing, config.batch_size, device),
                  "seconds": round(time.perf_counter() - start, 2)}
         history.append(entry)
         with open(os.path.join(workdir, METRICS_FILE), "a") as f:
@@ -281,7 +270,7 @@ def train(args: argparse.Namespace, dataset, preprocessing: dict, log=print) -> 
         if entry.get("val_accuracy", 0.0) > best or not history[:-1]:
             best = entry.get("val_accuracy", 0.0)
             _save(model, record, os.path.join(workdir, "best.safetensors"), epoch + 1, step)
-        log(f"epoch {epoch + 1}/{args.epochs}  loss {entry['train_loss']:.4f}  acc {entry['train_accuracy']:.4f}"
+        log(f"epoch {epoch + 1}/{config.epochs}  loss {entry['train_loss']:.4f}  acc {entry['train_accuracy']:.4f}"
             + (f"  val_loss {entry['val_loss']:.4f}  val_acc {entry['val_accuracy']:.4f}"
                if "val_loss" in entry else "")
             + f"  {entry['seconds']:.1f}s")
@@ -303,7 +292,7 @@ def _save(model, record: dict, path: str, epoch: int, step: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     t = argparse.ArgumentParser(prog="python -m torch_ref.train",
                                 description="Train a torch_ref model as `jaxcell train` trains its twin.")
-    add_run_args(t)
+    settings.add_flags(t, twin=True)  # the settings both trainers have, defined once in jaxcell.settings
     t.add_argument("--workdir", required=True)
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --workdir")
     t.add_argument("--cache-dir", help="where decoded datasets are cached (default ~/.cache/jaxcell)")
@@ -312,29 +301,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = settings.fill(build_parser().parse_args(argv), twin=True)
     try:
         try:
-            torch_ref.create(args.model, image_size=args.image_size, **dict(args.model_arg))  # fail before any work
+            config = settings.from_flags(args, default_lr=lambda name: twins.model_preset(name)["lr"], twin=True)
+            torch_ref.create(config.model, image_size=config.image_size, **config.model_kwargs)  # fail before work
         except (ValueError, TypeError) as error:
             raise io.UserError(str(error)) from None
-        from jaxcell import data, models  # these import jax: see the module docstring
-
-        spec = models.spec(args.model)
-        preprocessing = models.preprocessing(args.model, args.image_size, args.od_center)
-        if args.lr is None:
-            args.lr = spec.lr
-        dataset = data.load(os.path.abspath(args.data) if args.data else None, args.image_size,
-                            seed=data.split_seed(vars(args)),
-                            synthetic_examples=args.synthetic_examples, cache_dir=args.cache_dir)
-        print(f"{args.model} (torch) on {dataset.source}: "
+        preprocessing = twins.preprocessing(config.model, config.image_size, config.od_center)
+        dataset = data.load(config.data, config.image_size, seed=data.split_seed(config.to_dict()),
+                            synthetic_examples=config.synthetic_examples, cache_dir=args.cache_dir)
+        print(f"{config.model} (torch) on {dataset.source}: "
               + ", ".join(f"{k} {len(v[1])}" for k, v in dataset.splits.items()))
-        history = train(args, dataset, preprocessing)
+        history = train(config, dataset, preprocessing, args.workdir, args.overwrite, args.device)
     except io.UserError as error:
         print(f"torch_ref.train: error: {error}", file=sys.stderr)
         return 2
     last = history[-1] if history else {}
-    print(f"trained {args.model} (torch); last val accuracy {last.get('val_accuracy', float('nan')):.4f}; "
+    print(f"trained {config.model} (torch); last val accuracy {last.get('val_accuracy', float('nan')):.4f}; "
           f"workdir {args.workdir}")
     return 0
 

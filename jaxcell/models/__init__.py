@@ -13,12 +13,14 @@ from typing import Callable
 
 import flax.linen as nn
 
+from jaxcell import twins
 from jaxcell.errors import UserError
 from jaxcell.models.brin import BRIN
 from jaxcell.models.densenet import DenseNet121
 from jaxcell.models.hybrid import HybridViT
 from jaxcell.models.lightnetcell import LightNetCell
 from jaxcell.models.resnet import ResNet18, ResNet34, ResNet50
+from jaxcell.twins import OD_SCALE  # noqa: F401  (jaxcell.models.OD_SCALE, as before)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,34 +48,15 @@ def register(spec: ModelSpec) -> None:
     REGISTRY[spec.name] = spec
 
 
-# A dense layer on flattened features has a huge fan-in (16,384 at 64 px): Adam's early,
-# gradient-size-blind steps of about lr per weight then swamp it at 1e-3.
-register(ModelSpec("lightnetcell", LightNetCell, lr=3e-4, head="fc2"))
-register(ModelSpec("brin", BRIN))
-register(ModelSpec("hybrid_vit", HybridViT))
-# torchvision's architectures and input normalization, so its ImageNet checkpoints load and see
-# what they were trained on.
-IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-register(ModelSpec("resnet18", ResNet18, head="fc", **IMAGENET))
-register(ModelSpec("resnet34", ResNet34, head="fc", **IMAGENET))
-register(ModelSpec("resnet50", ResNet50, head="fc", **IMAGENET))
-register(ModelSpec("densenet121", DenseNet121, head="classifier", **IMAGENET))
-
-
-# Optical-density centring (--od-center): the input is -ln(x) per channel minus its mean over the
-# image, divided by this (about the spread of the centred density on the ALL smears), instead of
-# the model's mean/std. A stain's overall shift (HED jitter, another lab's staining time) moves
-# every pixel's optical density by nearly the same amount per channel, so centring removes most
-# of it; what remains is the shape of the density map: nuclei, chromatin, cytoplasm.
-OD_SCALE = 0.25
+# Each model's presets (normalization, learning rate, head) are jaxcell.twins', shared with torch_ref.
+for _name, _build in {"lightnetcell": LightNetCell, "brin": BRIN, "hybrid_vit": HybridViT, "resnet18": ResNet18,
+                      "resnet34": ResNet34, "resnet50": ResNet50, "densenet121": DenseNet121}.items():
+    register(ModelSpec(_name, _build, **twins.model_preset(_name)))
 
 
 def preprocessing(name: str, image_size: int, od_center: bool = False) -> dict:
     """The input preprocessing a model trained at `image_size` declares (config.json, export sidecars)."""
-    pre = {**spec(name).preprocessing, "image_size": image_size}
-    if od_center:
-        pre.update(mean=[0.0] * 3, std=[OD_SCALE] * 3, od_center=True)
-    return pre
+    return twins.preprocessing(spec(name).name, image_size, od_center)
 
 
 def names() -> list[str]:
