@@ -184,7 +184,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     import jax
     import torch
 
-    from jaxcell import models, onednn
+    from jaxcell import kernels, models
     from jaxcell.errors import UserError
     from jaxcell.summary import summarize
 
@@ -243,7 +243,8 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "torch_threads": torch.get_num_threads(), "interleaved": interleave,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "xla_compiler_options": _jax_options_used(),
-        "convolutions": onednn.convolutions(),  # the "jax" rows on one device at fp32; "jax-eigen" and splits: XLA
+        # the "jax" rows' on one device at fp32; "jax-eigen" and splits: XLA
+        "convolutions": kernels.convolutions(kernels.for_devices(jax.devices()[:1])),
         # jaxcell's glibc settings (jaxcell._malloc) are process-wide: torch in this process has them too
         "malloc_keeps_freed_memory": _malloc.applied,
         "load_average_before": load_before,
@@ -498,7 +499,7 @@ class _Setup:
             import jax
             import optax
 
-            from jaxcell import models, train
+            from jaxcell import kernels, models, train
 
             cfg, precision = self.cfg, self.precision
             placement = train.Placement.over(jax.devices()[:devices])
@@ -506,12 +507,13 @@ class _Setup:
             pre = models.spec(cfg.model).preprocessing
             baseline = framework == "jax-baseline"
             options = None if baseline else train.compiler_options(placement)
+            choice = _kernels(framework, placement)
             n = cfg.batch_size * devices
             images = placement.put_batch(self.images[:n])
             if mode == "train":
                 rep, bat = placement.replicated, placement.batch
                 if not baseline:
-                    step, _ = train.compile_steps(placement, pre, None, precision)
+                    step, _ = train.compile_steps(placement, pre, None, precision, choice=choice)
                 else:
                     step = jax.jit(train.make_train_step(pre, None, precision), in_shardings=(rep, bat, rep),
                                    out_shardings=(rep, rep), donate_argnums=0)
@@ -521,18 +523,16 @@ class _Setup:
                 holder = [jax.device_put(state, rep)]
                 batch = {"image": images, "label": placement.put_batch(self.labels[:n])}
                 key = jax.random.key(cfg.seed)
-                with _layer_defaults(framework):  # traced and compiled here, ahead of the first step
-                    step = step.lower(holder[0], batch, key).compile()
+                step = step.lower(holder[0], batch, key).compile()  # here, ahead of the first step
 
                 def one():
                     holder[0], metrics = step(holder[0], batch, key)
                     jax.block_until_ready((holder[0], metrics))
             else:
-                forward = jax.jit(_jax_infer(model, pre, precision), in_shardings=(placement.replicated, placement.batch),
-                                  compiler_options=options)
+                forward = kernels.jit(_jax_infer(model, pre, precision), choice,
+                                      in_shardings=(placement.replicated, placement.batch), compiler_options=options)
                 holder = [jax.device_put(self.variables, placement.replicated)]
-                with _layer_defaults(framework):
-                    forward = forward.lower(holder[0], images).compile()
+                forward = forward.lower(holder[0], images).compile()
 
                 def one():
                     jax.block_until_ready(forward(holder[0], images))
@@ -633,14 +633,17 @@ class _Setup:
         return build
 
 
-def _layer_defaults(framework: str):
-    """Trace "jax-baseline" without jaxcell.models.layers' XLA:CPU workarounds, "jax-eigen" without
-    its oneDNN convolutions."""
-    from jaxcell.models import layers
+def _kernels(framework: str, placement):
+    """The kernels (jaxcell.kernels) a JAX framework's programs are compiled with: "jax" the
+    trainer's; "jax-baseline" XLA's; "jax-eigen" the trainer's without oneDNN's convolutions."""
+    from jaxcell import kernels
 
+    choice = kernels.for_devices(placement.mesh.devices.flat)
     if framework == "jax-baseline":
-        return layers.cpu_forms(workarounds=False)
-    return layers.cpu_forms(onednn=framework != "jax-eigen")
+        return kernels.Kernels.XLA
+    if framework == "jax-eigen" and choice is kernels.Kernels.ONEDNN:
+        return kernels.Kernels.CPU_FORMS
+    return choice
 
 
 def _to_numpy(tree):
