@@ -37,11 +37,14 @@ Input pipeline (run_pipeline, `jaxcell bench --pipeline`): the trainer's step fe
 on-device pipeline and by the host prefetch thread, against the same step on a batch already on
 the device; JAX only.
 
-Needs jax, flax, optax, torch and numpy; nothing here imports a data package.
+Needs jax, flax, optax, torch and numpy; nothing here imports a data package. Importing this
+module changes nothing in the process: `command` (`jaxcell bench`) sets OMP_WAIT_POLICY, and `run`
+sets torch's threads and GPU flags for its measurements and restores them after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -55,14 +58,6 @@ from typing import Callable, Sequence
 import numpy as np
 
 from jaxcell import _malloc
-
-# PyTorch's OpenMP threads spin after each parallel region by default. On a CPU shared with XLA's
-# thread pool (or anything else) the spinning threads take the cores from whoever works next:
-# a small torch step measured 25x slower with JAX in the same process, 6x slower on a machine
-# busy with other processes. Sleeping threads measure what each framework computes. This takes
-# effect only if torch is imported after this module (the CLI does so); an explicit
-# OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 FRAMEWORKS = ("jax", "torch", "torch-compile", "jax-baseline", "jax-eigen", "onnx", "onnx-int8")
 MODES = ("train", "infer")
@@ -184,9 +179,8 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     import jax
     import torch
 
-    from jaxcell import kernels, models
+    from jaxcell import models
     from jaxcell.errors import UserError
-    from jaxcell.summary import summarize
 
     models.spec(cfg.model)  # unknown names: a UserError listing the known ones
     for what, given, known in (("framework", cfg.frameworks, FRAMEWORKS), ("mode", cfg.modes, MODES),
@@ -200,12 +194,38 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     on_gpu = torch.cuda.is_available()
     if cfg.require_gpu:
         require_gpu(jax.devices()[0].platform, on_gpu)
-    if not on_gpu:
-        torch.set_num_threads(_cpu_threads())  # XLA uses every core it is given; so does torch
-    else:
-        torch.backends.cudnn.benchmark = True   # XLA autotunes its kernels too
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    with _torch_settings(on_gpu):
+        return _run(cfg, log, on_gpu)
+
+
+@contextlib.contextmanager
+def _torch_settings(on_gpu: bool):
+    """torch set up as JAX runs, for the measurements; its own settings back after."""
+    import torch
+
+    saved = (torch.get_num_threads(), torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
+    try:
+        if not on_gpu:
+            torch.set_num_threads(_cpu_threads())  # XLA uses every core it is given; so does torch
+        else:
+            torch.backends.cudnn.benchmark = True   # XLA autotunes its kernels too
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved[1:]
+
+
+def _run(cfg: BenchConfig, log: Callable[[str], None], on_gpu: bool) -> dict:
+    import jax
+    import torch
+
+    from jaxcell import kernels
+    from jaxcell.summary import summarize
+
     jax_platform = jax.devices()[0].platform
     interleave = cfg.interleave if cfg.interleave is not None else jax_platform == "cpu" and not on_gpu
     counts = sorted({d for d in cfg.devices if 1 <= d <= jax.device_count()})
@@ -768,6 +788,13 @@ def config_from_args(args) -> BenchConfig:
 
 
 def command(args) -> int:
+    # PyTorch's OpenMP threads spin after each parallel region by default. On a CPU shared with
+    # XLA's thread pool (or anything else) the spinning threads take the cores from whoever works
+    # next: a small torch step measured 25x slower with JAX in the same process, 6x slower on a
+    # machine busy with other processes. Sleeping threads measure what each framework computes.
+    # Set before `run` imports torch (the CLI imports none before); an explicit OMP_WAIT_POLICY
+    # in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cfg = config_from_args(args)
     measure = run_pipeline if getattr(args, "pipeline", False) else run
     report = measure(cfg, log=lambda m: print(m, flush=True))

@@ -112,7 +112,13 @@ def test_a_failing_runner_is_recorded_and_the_others_go_on(monkeypatch):
 def test_a_spent_time_budget_skips_runners():
     cfg = bench.BenchConfig(model="lightnetcell", image_size=16, batch_size=2, frameworks=("jax",), modes=("infer",),
                             steps=1, model_kwargs=TINY, deadline=0.0)
-    report = bench.run(cfg, log=lambda m: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # not what the harness sets (every core), so that its restoring shows
+    try:
+        report = bench.run(cfg, log=lambda m: None)
+        assert torch.get_num_threads() == 1 and report["environment"]["torch_threads"] == bench._cpu_threads()
+    finally:
+        torch.set_num_threads(threads)
     (row,) = report["results"]
     assert row["error"] == "skipped: time budget spent" and row["images_per_s"] is None
     # what the "jax" rows use
@@ -143,7 +149,35 @@ def test_merged_reports_get_ratios_across_passes():
     assert "| resnet18 | bf16 | train | jax | 1 | 8 | 300.0 |" in bench.summary_markdown(merged["results"])
 
 
-def test_cli_refuses_an_unknown_framework(tmp_path, capsys):
+def test_cli_refuses_an_unknown_framework(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # and back as it was after the test
     code = main(["bench", "--model", "lightnetcell", "--frameworks", "jax,tensorflow", "--json", str(tmp_path / "b.json")])
     assert code == 2
     assert "unknown framework 'tensorflow'" in capsys.readouterr().err
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # set by the command, not by importing the harness
+
+
+def test_importing_the_harness_changes_nothing():
+    """In a fresh process without OMP_WAIT_POLICY: no environment variable and no torch setting
+    differs after `import jaxcell.bench` (the harness sets them when it runs)."""
+    code = '''if True:
+        import json, os, torch
+        def snapshot():
+            return {"env": dict(os.environ), "threads": torch.get_num_threads(),
+                    "interop_threads": torch.get_num_interop_threads(),
+                    "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+                    "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+                    "matmul_precision": torch.get_float32_matmul_precision(),
+                    "deterministic": torch.are_deterministic_algorithms_enabled(),
+                    "default_dtype": str(torch.get_default_dtype())}
+        before = snapshot()
+        import jaxcell.bench
+        print(json.dumps({"before": before, "after": snapshot()}))
+    '''
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, "PYTHONPATH": os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert "OMP_WAIT_POLICY" not in seen["after"]["env"]
+    assert seen["after"] == seen["before"]
