@@ -27,7 +27,8 @@ by the chip's dense peak (PEAK_TFLOPS; none for CPUs). Device counts above 1 are
 Frameworks: "jax", "torch", "torch-compile", "jax-baseline": jaxcell's step without its CPU
 adaptations (XLA's default compiler options and convolutions, the max-pool gradient XLA derives
 itself), and "jax-eigen": with them but XLA's own (Eigen) convolutions instead of oneDNN's
-(jaxcell.onednn), for before/after comparisons (docs/benchmarks.md); on GPUs both are the same as
+(jaxcell.onednn): the kernels XLA and CPU_FORMS of jaxcell.kernels, for before/after comparisons
+(docs/benchmarks.md); on GPUs both are the same as
 "jax". "onnx" and "onnx-int8" (fp32 inference, CPU): the twin exported as `jaxcell export
 --format onnx` writes it (preprocessing inside, uint8 in), run by onnxruntime in float and
 statically quantized (calibrated on the benchmark's own images: timing, not accuracy). A runner that fails (torch.compile without a working C++ compiler, out of memory) is

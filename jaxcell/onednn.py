@@ -1,8 +1,8 @@
 """oneDNN's convolutions inside XLA:CPU programs, through one FFI handler (onednn_conv.cc).
 
 XLA:CPU computes every convolution with Eigen's tensor contraction. On ResNet18's shapes oneDNN,
-the library PyTorch uses on CPUs, is 1.2x to 2x faster (docs/benchmarks.md, "oneDNN
-convolutions"), and the convolutions are most of a CNN's training step. `conv` is a float32
+the library PyTorch uses on CPUs, is 1.2x to 2x faster (docs/benchmarks.md, "What was
+tried", cause 8), and the convolutions are most of a CNN's training step. `conv` is a float32
 NHWC/HWIO convolution whose forward pass, input gradient and weight gradient are each one call
 into oneDNN; programs compiled with Kernels.ONEDNN (jaxcell.kernels: the trainer's, evaluate's,
 predict's and serve's on one CPU device) route plain float32 convolutions to it.
