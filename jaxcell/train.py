@@ -426,7 +426,8 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
 # Workdir: config.json (everything evaluate/predict need), metrics.jsonl, checkpoints/.
 
 def write_config(workdir: str, config: TrainConfig, dataset: Dataset, choice: kernels.Kernels) -> dict:
-    """config.json; "convolutions" records what the run's steps, compiled with `choice`, convolve with."""
+    """config.json; "kernels" records the run's `choice` (jaxcell.kernels), "convolutions" what its
+    steps convolve with."""
     record = {
         "model": config.model,
         "model_kwargs": {"num_classes": len(dataset.class_names), "image_size": config.image_size,
@@ -438,6 +439,7 @@ def write_config(workdir: str, config: TrainConfig, dataset: Dataset, choice: ke
         "train": config.to_dict(),
         "hardware": hardware(),
         "convolutions": kernels.convolutions(choice, config.precision),
+        "kernels": choice.value,
     }
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         json.dump(record, f, indent=2)

@@ -49,6 +49,8 @@ def test_one_device_and_four_devices_train_alike(smears, tmp_path):
     assert one.history[-1]["val_accuracy"] == pytest.approx(four.history[-1]["val_accuracy"])
     recorded = {n: json.load(open(tmp_path / n / "config.json"))["convolutions"] for n in ("one", "four")}
     assert recorded == {"one": kernels.convolutions(kernels.for_devices(jax.devices()[:1])), "four": {"backend": "xla"}}
+    chosen = {n: json.load(open(tmp_path / n / "config.json"))["kernels"] for n in ("one", "four")}
+    assert chosen == {"one": kernels.for_devices(jax.devices()[:1]).value, "four": "cpu-forms"}
 
 
 def test_extending_a_run_with_resume_continues_bit_identically(smears, tmp_path):
