@@ -2,8 +2,8 @@
 under XLA:CPU's defaults (YNNPACK), under jaxcell's CPU options (Eigen: jaxcell.train.
 CPU_COMPILER_OPTIONS), through jaxcell.onednn (oneDNN inside XLA) and in PyTorch (oneDNN); plus
 the weight gradient as an im2col product, and the three together as a training step computes
-them: jaxcell's convolution (`layers.conv_general_dilated`, with oneDNN where it is built, and
-with XLA's Eigen and its CPU custom VJP) against torch's forward and backward.
+them: jaxcell's convolution (`jaxcell.cpu_forms.conv_general_dilated`, with oneDNN where it is
+built, and with XLA's Eigen and its CPU custom VJP) against torch's forward and backward.
 
     .venv/bin/python bench/conv_gap.py [--shapes 32x64x64x128x3x1,...|resnet18-224] [--rounds 7]
 
@@ -32,8 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from jax import lax  # noqa: E402
 
-from jaxcell import onednn  # noqa: E402
-from jaxcell.models import layers  # noqa: E402
+from jaxcell import kernels, onednn  # noqa: E402
 from jaxcell.train import CPU_COMPILER_OPTIONS  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -73,18 +72,16 @@ def measure(b, h, cin, cout, k, s, rounds, needs_dx=True):
     dims = lax.conv_dimension_numbers(x.shape, w.shape, DN)
 
     def ours(x, w):
-        return layers.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=dims)
+        return kernels.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=dims)
 
-    def make_step():  # a new function for each variant: JAX reuses a function's trace
-        def step(x, w, dy):
-            y, back = jax.vjp(ours, x, w)
-            dx, dw = back(dy)
-            return (y, dx, dw) if needs_dx else (y, dw)
-        return step
+    def step(x, w, dy):
+        y, back = jax.vjp(ours, x, w)
+        dx, dw = back(dy)
+        return (y, dx, dw) if needs_dx else (y, dw)
 
     for name, with_onednn in (("jaxcell step", True), ("jaxcell eigen step", False)):
-        with layers.cpu_forms(workarounds=True, onednn=with_onednn):
-            compiled = jax.jit(make_step(), compiler_options=CPU_COMPILER_OPTIONS).lower(x, w, dy).compile()
+        choice = kernels.Kernels.ONEDNN if with_onednn else kernels.Kernels.CPU_FORMS
+        compiled = kernels.jit(step, choice, compiler_options=CPU_COMPILER_OPTIONS).lower(x, w, dy).compile()
         assert (onednn.TARGET in compiled.as_text()) == (with_onednn and onednn.available()), name
         for got, want in zip(compiled(x, w, dy), (y, ref_dx, ref_dw) if needs_dx else (y, ref_dw)):
             err = float(jnp.abs(got - want).max() / jnp.abs(want).max())

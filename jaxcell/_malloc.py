@@ -1,4 +1,4 @@
-"""Keep freed memory in the process on Linux/glibc CPU hosts (docs/benchmarks.md, "Page faults").
+"""Keep freed memory in the process on Linux/glibc CPU hosts (docs/benchmarks.md, "Allocator").
 
 XLA:CPU allocates each step's temporaries afresh, and glibc serves blocks above its mmap threshold
 (at most 32 MB) and every block of a thread's secondary arena that outgrows its 64 MB heap with

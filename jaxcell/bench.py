@@ -27,7 +27,8 @@ by the chip's dense peak (PEAK_TFLOPS; none for CPUs). Device counts above 1 are
 Frameworks: "jax", "torch", "torch-compile", "jax-baseline": jaxcell's step without its CPU
 adaptations (XLA's default compiler options and convolutions, the max-pool gradient XLA derives
 itself), and "jax-eigen": with them but XLA's own (Eigen) convolutions instead of oneDNN's
-(jaxcell.onednn), for before/after comparisons (docs/benchmarks.md); on GPUs both are the same as
+(jaxcell.onednn): the kernels XLA and CPU_FORMS of jaxcell.kernels, for before/after comparisons
+(docs/benchmarks.md); on GPUs both are the same as
 "jax". "onnx" and "onnx-int8" (fp32 inference, CPU): the twin exported as `jaxcell export
 --format onnx` writes it (preprocessing inside, uint8 in), run by onnxruntime in float and
 statically quantized (calibrated on the benchmark's own images: timing, not accuracy). A runner that fails (torch.compile without a working C++ compiler, out of memory) is
@@ -37,11 +38,14 @@ Input pipeline (run_pipeline, `jaxcell bench --pipeline`): the trainer's step fe
 on-device pipeline and by the host prefetch thread, against the same step on a batch already on
 the device; JAX only.
 
-Needs jax, flax, optax, torch and numpy; nothing here imports a data package.
+Needs jax, flax, optax, torch and numpy; nothing here imports a data package. Importing this
+module changes nothing in the process: `command` (`jaxcell bench`) sets OMP_WAIT_POLICY, and `run`
+sets torch's threads and GPU flags for its measurements and restores them after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -55,14 +59,6 @@ from typing import Callable, Sequence
 import numpy as np
 
 from jaxcell import _malloc
-
-# PyTorch's OpenMP threads spin after each parallel region by default. On a CPU shared with XLA's
-# thread pool (or anything else) the spinning threads take the cores from whoever works next:
-# a small torch step measured 25x slower with JAX in the same process, 6x slower on a machine
-# busy with other processes. Sleeping threads measure what each framework computes. This takes
-# effect only if torch is imported after this module (the CLI does so); an explicit
-# OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 FRAMEWORKS = ("jax", "torch", "torch-compile", "jax-baseline", "jax-eigen", "onnx", "onnx-int8")
 MODES = ("train", "infer")
@@ -184,9 +180,8 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     import jax
     import torch
 
-    from jaxcell import models, onednn
+    from jaxcell import models
     from jaxcell.errors import UserError
-    from jaxcell.summary import summarize
 
     models.spec(cfg.model)  # unknown names: a UserError listing the known ones
     for what, given, known in (("framework", cfg.frameworks, FRAMEWORKS), ("mode", cfg.modes, MODES),
@@ -200,12 +195,38 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     on_gpu = torch.cuda.is_available()
     if cfg.require_gpu:
         require_gpu(jax.devices()[0].platform, on_gpu)
-    if not on_gpu:
-        torch.set_num_threads(_cpu_threads())  # XLA uses every core it is given; so does torch
-    else:
-        torch.backends.cudnn.benchmark = True   # XLA autotunes its kernels too
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    with _torch_settings(on_gpu):
+        return _run(cfg, log, on_gpu)
+
+
+@contextlib.contextmanager
+def _torch_settings(on_gpu: bool):
+    """torch set up as JAX runs, for the measurements; its own settings back after."""
+    import torch
+
+    saved = (torch.get_num_threads(), torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
+    try:
+        if not on_gpu:
+            torch.set_num_threads(_cpu_threads())  # XLA uses every core it is given; so does torch
+        else:
+            torch.backends.cudnn.benchmark = True   # XLA autotunes its kernels too
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved[1:]
+
+
+def _run(cfg: BenchConfig, log: Callable[[str], None], on_gpu: bool) -> dict:
+    import jax
+    import torch
+
+    from jaxcell import kernels
+    from jaxcell.summary import summarize
+
     jax_platform = jax.devices()[0].platform
     interleave = cfg.interleave if cfg.interleave is not None else jax_platform == "cpu" and not on_gpu
     counts = sorted({d for d in cfg.devices if 1 <= d <= jax.device_count()})
@@ -243,7 +264,8 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "torch_threads": torch.get_num_threads(), "interleaved": interleave,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "xla_compiler_options": _jax_options_used(),
-        "convolutions": onednn.convolutions(),  # the "jax" rows on one device at fp32; "jax-eigen" and splits: XLA
+        # the "jax" rows' on one device at fp32; "jax-eigen" and splits: XLA
+        "convolutions": kernels.convolutions(kernels.for_devices(jax.devices()[:1])),
         # jaxcell's glibc settings (jaxcell._malloc) are process-wide: torch in this process has them too
         "malloc_keeps_freed_memory": _malloc.applied,
         "load_average_before": load_before,
@@ -498,7 +520,7 @@ class _Setup:
             import jax
             import optax
 
-            from jaxcell import models, train
+            from jaxcell import kernels, models, train
 
             cfg, precision = self.cfg, self.precision
             placement = train.Placement.over(jax.devices()[:devices])
@@ -506,12 +528,13 @@ class _Setup:
             pre = models.spec(cfg.model).preprocessing
             baseline = framework == "jax-baseline"
             options = None if baseline else train.compiler_options(placement)
+            choice = _kernels(framework, placement)
             n = cfg.batch_size * devices
             images = placement.put_batch(self.images[:n])
             if mode == "train":
                 rep, bat = placement.replicated, placement.batch
                 if not baseline:
-                    step, _ = train.compile_steps(placement, pre, None, precision)
+                    step, _ = train.compile_steps(placement, pre, None, precision, choice=choice)
                 else:
                     step = jax.jit(train.make_train_step(pre, None, precision), in_shardings=(rep, bat, rep),
                                    out_shardings=(rep, rep), donate_argnums=0)
@@ -521,18 +544,16 @@ class _Setup:
                 holder = [jax.device_put(state, rep)]
                 batch = {"image": images, "label": placement.put_batch(self.labels[:n])}
                 key = jax.random.key(cfg.seed)
-                with _layer_defaults(framework):  # traced and compiled here, ahead of the first step
-                    step = step.lower(holder[0], batch, key).compile()
+                step = step.lower(holder[0], batch, key).compile()  # here, ahead of the first step
 
                 def one():
                     holder[0], metrics = step(holder[0], batch, key)
                     jax.block_until_ready((holder[0], metrics))
             else:
-                forward = jax.jit(_jax_infer(model, pre, precision), in_shardings=(placement.replicated, placement.batch),
-                                  compiler_options=options)
+                forward = kernels.jit(_jax_infer(model, pre, precision), choice,
+                                      in_shardings=(placement.replicated, placement.batch), compiler_options=options)
                 holder = [jax.device_put(self.variables, placement.replicated)]
-                with _layer_defaults(framework):
-                    forward = forward.lower(holder[0], images).compile()
+                forward = forward.lower(holder[0], images).compile()
 
                 def one():
                     jax.block_until_ready(forward(holder[0], images))
@@ -633,14 +654,17 @@ class _Setup:
         return build
 
 
-def _layer_defaults(framework: str):
-    """Trace "jax-baseline" without jaxcell.models.layers' XLA:CPU workarounds, "jax-eigen" without
-    its oneDNN convolutions."""
-    from jaxcell.models import layers
+def _kernels(framework: str, placement):
+    """The kernels (jaxcell.kernels) a JAX framework's programs are compiled with: "jax" the
+    trainer's; "jax-baseline" XLA's; "jax-eigen" the trainer's without oneDNN's convolutions."""
+    from jaxcell import kernels
 
+    choice = kernels.for_devices(placement.mesh.devices.flat)
     if framework == "jax-baseline":
-        return layers.cpu_forms(workarounds=False)
-    return layers.cpu_forms(onednn=framework != "jax-eigen")
+        return kernels.Kernels.XLA
+    if framework == "jax-eigen" and choice is kernels.Kernels.ONEDNN:
+        return kernels.Kernels.CPU_FORMS
+    return choice
 
 
 def _to_numpy(tree):
@@ -765,6 +789,13 @@ def config_from_args(args) -> BenchConfig:
 
 
 def command(args) -> int:
+    # PyTorch's OpenMP threads spin after each parallel region by default. On a CPU shared with
+    # XLA's thread pool (or anything else) the spinning threads take the cores from whoever works
+    # next: a small torch step measured 25x slower with JAX in the same process, 6x slower on a
+    # machine busy with other processes. Sleeping threads measure what each framework computes.
+    # Set before `run` imports torch (the CLI imports none before); an explicit OMP_WAIT_POLICY
+    # in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cfg = config_from_args(args)
     measure = run_pipeline if getattr(args, "pipeline", False) else run
     report = measure(cfg, log=lambda m: print(m, flush=True))

@@ -164,12 +164,13 @@ def gradcam(model, variables, images, target_layer: str | None = None, class_ind
 
     class_index: None (each image's predicted class), an int, or one int per image.
     """
-    import jax
     import jax.numpy as jnp
+
+    from jaxcell import kernels
 
     x = jnp.asarray(images, jnp.float32)
     path, run = cam_function(model, variables, x, target_layer, class_index)
-    maps, raw, cls, logits = jax.jit(run)(variables, x)
+    maps, raw, cls, logits = kernels.jit(run, kernels.for_devices())(variables, x)
     return CamResult(np.asarray(maps), np.asarray(raw), np.asarray(cls), np.asarray(logits), path)
 
 
@@ -297,7 +298,8 @@ def _vmap_chunks(f, xs, chunk):
 
 
 def _jit(static: tuple):
-    """jax.jit with static argument names, built on the first call (importing this module imports no jax)."""
+    """jax.jit with static argument names and the default device's fastest kernels
+    (jaxcell.kernels), built on the first call (importing this module imports no jax)."""
     import functools
 
     def decorate(f):
@@ -306,9 +308,9 @@ def _jit(static: tuple):
         @functools.wraps(f)
         def call(*args, **kwargs):
             if not compiled:
-                import jax
+                from jaxcell import kernels
 
-                compiled.append(jax.jit(f, static_argnames=static))
+                compiled.append(kernels.jit(f, kernels.for_devices(), static_argnames=static))
             return compiled[0](*args, **kwargs)
         return call
     return decorate

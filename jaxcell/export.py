@@ -50,7 +50,7 @@ def export_workdir(workdir: str, out: str, format: str | None = None,
         "jaxcell_version": jaxcell.__version__,
         "source": {"framework": "jax", "workdir": os.path.abspath(workdir), "checkpoint": str(checkpoint),
                    "step": int(state.step),
-                   # what trained the weights (jaxcell.onednn.convolutions, in config.json); None: not recorded
+                   # what trained the weights (jaxcell.kernels.convolutions, in config.json); None: not recorded
                    "convolutions": record.get("convolutions")},
     }
     return io.write(out, state_dict, metadata, fmt)

@@ -4,6 +4,7 @@
     predictor = Predictor.load("model.safetensors")       # ... or an exported file with its sidecar
     fn = predictor.program(cam=True)                      # pure: (variables, uint8 NHWC) -> outputs, jit-able
     out = jax.jit(fn)(predictor.variables, images)        # {"logits", "features"?, "detector_logits"?, "maps"?}
+                                                          # (kernels.jit(fn, kernels.for_devices()): faster on CPUs)
     predictor.answers(out["logits"], out.get("features"), out.get("detector_logits"))   # class, p, OOD
     predictor.outputs(images, batch_size=64)               # the same program over many images, batched
 
@@ -122,9 +123,9 @@ class Predictor:
     def outputs(self, images: np.ndarray, batch_size: int = 64, cam: bool = False,
                 cam_layer: str | None = None) -> dict:
         """`program` over many uint8 images: one compiled batch size, the last batch padded."""
-        import jax
+        from jaxcell import kernels
 
-        fn = jax.jit(self.program(cam, cam_layer, batch_size))
+        fn = kernels.jit(self.program(cam, cam_layer, batch_size), kernels.for_devices())
         parts = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]

@@ -1,11 +1,11 @@
 """oneDNN's convolutions inside XLA:CPU programs, through one FFI handler (onednn_conv.cc).
 
 XLA:CPU computes every convolution with Eigen's tensor contraction. On ResNet18's shapes oneDNN,
-the library PyTorch uses on CPUs, is 1.2x to 2x faster (docs/benchmarks.md, "oneDNN
-convolutions"), and the convolutions are most of a CNN's training step. `conv` is a float32
+the library PyTorch uses on CPUs, is 1.2x to 2x faster (docs/benchmarks.md, "What was
+tried", cause 8), and the convolutions are most of a CNN's training step. `conv` is a float32
 NHWC/HWIO convolution whose forward pass, input gradient and weight gradient are each one call
-into oneDNN; `jaxcell.models.layers` routes plain float32 convolutions to it on CPUs, except in
-steps split over several devices.
+into oneDNN; programs compiled with Kernels.ONEDNN (jaxcell.kernels: the trainer's, evaluate's,
+predict's and serve's on one CPU device) route plain float32 convolutions to it.
 
 The handler is compiled on first use, with the machine's C++ compiler, against the installed
 jaxlib's FFI headers and the oneDNN of the `onednn-cpu-gomp` and `onednn-devel-cpu-gomp` wheels
@@ -18,7 +18,7 @@ The guard: before a model routes its first convolution here, the build is checke
 convolutions at the ISA oneDNN uses in this process (jaxcell.onednn_battery, in a child process,
 a few seconds once; the verdict is cached beside the build, keyed by the build, oneDNN's version
 and the ISA). A battery case that disagrees sends every convolution of its `category` to XLA,
-with one warning that names it. `convolutions()` says what a run's convolutions ran on.
+with one warning that names it. `convolutions()` is the record of it in a run's files.
 """
 
 import ctypes
@@ -211,14 +211,10 @@ def verified(x_shape, w_shape, strides, dilation) -> bool:
     return not found.get("error") and category(x_shape, w_shape, strides, dilation) not in failed
 
 
-def convolutions(devices: int = 1, precision: str = "fp32") -> dict:
-    """What computes the convolutions of a step on `devices` devices at `precision`, for a run's
-    records: {"backend": "onednn", "version", "isa", "routed_to_xla": [categories the battery
-    sends to XLA]} or {"backend": "xla"}."""
-    from jaxcell.models import layers  # (layers imports this module)
-
-    if devices > 1 or precision != "fp32" or not layers.onednn_convolutions_on() or not available():
-        return {"backend": "xla"}
+def convolutions() -> dict:
+    """The record of a program whose convolutions go here (jaxcell.kernels.convolutions):
+    {"backend": "onednn", "version", "isa", "routed_to_xla": [categories the battery sends to
+    XLA]}. Call only when available()."""
     found = verdict()
     routed = (["all (the check failed)"] if found.get("error") else
               [", ".join(case["category"]) for case in found["cases"] if not case["agrees"]])

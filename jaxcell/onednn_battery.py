@@ -6,7 +6,7 @@ The battery spans what oneDNN chooses its kernels by: 1x1 kernels with and witho
 (strided ones are copied to unit stride inside oneDNN), 3x3, 5x5 and the 3-channel 7x7 stride-2
 stem, dilation, channel counts that fill SIMD blocks of 8 and 16 or leave a tail, maps smaller than
 the kernel, batch 1. Grouped convolutions reach oneDNN as one ordinary convolution per group
-(jaxcell.models.layers), so theirs is the narrow-channel geometry of one group, which is here.
+(jaxcell.cpu_forms), so theirs is the narrow-channel geometry of one group, which is here.
 Each oneDNN computation runs twice: the second finds its primitive's scratch memory holding the
 first's data, as in a training loop (oneDNN 3.2's strided 1x1 weight gradient went wrong only
 so; jaxcell.onednn._weight_gradient).

@@ -141,6 +141,7 @@ class Extractor:
         import jax
         import jax.numpy as jnp
 
+        from jaxcell import kernels
         from jaxcell.data.augment import augment as augment_images
 
         self.batch_size = batch_size
@@ -158,8 +159,9 @@ class Extractor:
         size = preprocessing["image_size"]
         jax.eval_shape(lambda v, x: detector_inputs(model, v, x, preprocessing, head, self.blocks), self.variables,
                        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
-        self._clean = jax.jit(clean)
-        self._augmented = jax.jit(augmented, static_argnums=3)
+        choice = kernels.for_devices()
+        self._clean = kernels.jit(clean, choice)
+        self._augmented = kernels.jit(augmented, choice, static_argnums=3)
 
     def __call__(self, images: np.ndarray, augment: dict | None = None, seed: int = 0):
         """(features (N, F), logits (N, K)) as numpy float32."""

@@ -2,15 +2,14 @@
 
 FLOPs come from XLA:CPU's own cost analysis of the compiled forward pass at batch 1 (a
 multiply-add counts as two), so they cover every op the model really runs, not a hand count. The
-pass is traced in its plain form: the CPU workarounds of jaxcell.models.layers would add padding
-zeros, and their oneDNN convolutions are calls that XLA cannot count.
+pass is traced with XLA's kernels (jax.jit's default, jaxcell.kernels): the CPU forms would add
+padding zeros, and oneDNN's convolutions are calls that XLA cannot count.
 """
 
 import jax
 import jax.numpy as jnp
 
 from jaxcell import models
-from jaxcell.models import layers
 
 
 def summarize(name: str, image_size: int = 224, num_classes: int = 4, **kwargs) -> dict:
@@ -23,8 +22,7 @@ def summarize(name: str, image_size: int = 224, num_classes: int = 4, **kwargs) 
     params = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
     variables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), variables)
     forward = jax.jit(lambda v, images: model.apply(v, images, train=False))
-    with layers.cpu_forms(workarounds=False):
-        cost = forward.lower(variables, x).compile().cost_analysis()
+    cost = forward.lower(variables, x).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {"model": name, "model_kwargs": kwargs, "image_size": image_size, "parameters": int(params),
             "flops_per_image": float(cost.get("flops", float("nan")))}

@@ -28,13 +28,12 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxcell import models, onednn, pipeline
+from jaxcell import kernels, models, pipeline
 from jaxcell.checkpoint import Checkpoints
 from jaxcell.data import Dataset
 from jaxcell.data.augment import augment as augment_images
 from jaxcell.errors import UserError
 from jaxcell.export import torch_variables  # torch is imported only when it is called
-from jaxcell.models import layers
 from jaxcell.preprocessing import normalize, od_center
 from jaxcell.settings import TrainConfig  # defined once there, with its flags
 
@@ -322,32 +321,25 @@ def compiler_options(placement: Placement) -> dict | None:
 
 
 def compile_steps(placement: Placement, preprocessing: dict, augment: dict | None = None, precision: str = "fp32",
-                  gather: bool = False):
-    """(train_step, eval_step), jitted over `placement`. gather: the train step takes
+                  gather: bool = False, choice: kernels.Kernels | None = None):
+    """(train_step, eval_step), jitted over `placement` with the kernels of `choice` (jaxcell.kernels;
+    None: kernels.for_devices, the fastest for the placement). gather: the train step takes
     (state, data, index, rng) (make_gather_step, for pipeline.DeviceFeed) instead of (state, batch, rng)."""
     rep, bat = placement.replicated, placement.batch
     options = compiler_options(placement)
+    if choice is None:
+        choice = kernels.for_devices(placement.mesh.devices.flat)
     step = make_train_step(preprocessing, augment, precision)
-    eval_fn = make_eval_step(preprocessing)
-    if placement.size > 1:  # XLA cannot split oneDNN's convolutions over devices (models.layers)
-        step, eval_fn = _traced_without_onednn(step), _traced_without_onednn(eval_fn)
     if gather:
-        train_step = jax.jit(make_gather_step(step, bat), in_shardings=(rep, rep, bat, rep),
-                             out_shardings=(rep, rep), donate_argnums=0, compiler_options=options)
+        train_step = kernels.jit(make_gather_step(step, bat), choice, in_shardings=(rep, rep, bat, rep),
+                                 out_shardings=(rep, rep), donate_argnums=0, compiler_options=options)
     else:
-        train_step = jax.jit(step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0,
-                             compiler_options=options)
+        train_step = kernels.jit(step, choice, in_shardings=(rep, bat, rep), out_shardings=(rep, rep),
+                                 donate_argnums=0, compiler_options=options)
     # Logits come back replicated, so every process can read all of them (they are small).
-    eval_step = jax.jit(eval_fn, in_shardings=(rep, bat), out_shardings=rep, compiler_options=options)
+    eval_step = kernels.jit(make_eval_step(preprocessing), choice, in_shardings=(rep, bat), out_shardings=rep,
+                            compiler_options=options)
     return train_step, eval_step
-
-
-def _traced_without_onednn(fn):
-    @functools.wraps(fn)
-    def traced(*args):
-        with layers.cpu_forms(onednn=False):
-            return fn(*args)
-    return traced
 
 
 def predict_logits(eval_step: Callable, state: TrainState, images: np.ndarray, batch_size: int,
@@ -389,7 +381,9 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Workdir: config.json (everything evaluate/predict need), metrics.jsonl, checkpoints/.
 
-def write_config(workdir: str, config: TrainConfig, dataset: Dataset, devices: int = 1) -> dict:
+def write_config(workdir: str, config: TrainConfig, dataset: Dataset, choice: kernels.Kernels) -> dict:
+    """config.json; "kernels" records the run's `choice` (jaxcell.kernels), "convolutions" what its
+    steps convolve with."""
     record = {
         "model": config.model,
         "model_kwargs": {"num_classes": len(dataset.class_names), "image_size": config.image_size,
@@ -400,7 +394,8 @@ def write_config(workdir: str, config: TrainConfig, dataset: Dataset, devices: i
                  "sizes": {k: int(len(v[1])) for k, v in dataset.splits.items()}},
         "train": config.to_dict(),
         "hardware": hardware(),
-        "convolutions": onednn.convolutions(devices, config.precision),
+        "convolutions": kernels.convolutions(choice, config.precision),
+        "kernels": choice.value,
     }
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         json.dump(record, f, indent=2)
@@ -563,10 +558,11 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
     if steps_per_epoch == 0:
         raise UserError(f"the training split has {len(train_labels)} images, fewer than one batch "
                         f"of {config.batch_size}")
+    choice = kernels.for_devices(placement.mesh.devices.flat)  # compiled below, and recorded
     if is_main_process():  # one writer; Orbax coordinates the checkpoint writes of all processes itself
         prepare_workdir(workdir, config, resume, overwrite)
         if not resume:
-            write_config(workdir, config, dataset, placement.size)
+            write_config(workdir, config, dataset, choice)
     sync_processes("workdir ready")
     record = read_config(workdir)
 
@@ -589,7 +585,7 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
     if is_main_process():
         log(f"input pipeline: {mode} ({why})")
     train_step, eval_step = compile_steps(placement, record["preprocessing"], augmentation(config), config.precision,
-                                          gather=mode == "device")
+                                          gather=mode == "device", choice=choice)
 
     def open_feed():
         indices = lambda k: batch_indices(config.seed, k, len(train_labels), config.batch_size)  # noqa: E731

@@ -30,6 +30,7 @@ import torch
 
 import jaxcell.models
 import torch_ref
+from jaxcell import kernels
 from parity.convert import flax_module_path, torch_to_flax
 
 _TINY = 1e-30
@@ -112,8 +113,9 @@ def _torch_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict[str, l
 
 
 def _flax_outputs(model, variables: dict, x: np.ndarray) -> tuple[dict, np.ndarray]:
-    """Run in eval mode with every module's outputs captured (keyed by flax module path)."""
-    with jax.default_matmul_precision("highest"):
+    """Run in eval mode with every module's outputs captured (keyed by flax module path), on the
+    kernels jaxcell's own programs choose here (jaxcell.kernels): parity checks what they compute."""
+    with jax.default_matmul_precision("highest"), kernels.use(kernels.for_devices()):
         logits, state = model.apply(variables, jnp.asarray(x), train=False, capture_intermediates=True,
                                     mutable=["intermediates"])
     return jax.device_get(state["intermediates"]), np.asarray(logits)

@@ -84,6 +84,7 @@ import torch
 import torch.nn.functional as F
 
 import jaxcell.models
+from jaxcell import kernels
 from jaxcell.settings import model_arg
 import torch_ref
 from parity.compare import _torch_full_precision, randomize_torch_model
@@ -303,9 +304,12 @@ def _jax_side(name: str, kw: tuple, lr: float, float64: bool):
     # enter: one compilation serves every number of steps), read from its own schedule for torch
     # at every step, so a schedule or optimizer change there shows here.
     config = TrainConfig(lr=lr, schedule="constant", warmup_steps=0)
-    train_step = jax.jit(make_train_step(preprocessing, augment=None, precision="fp64" if float64 else "fp32"))
+    # The trainer's kernels (jaxcell.kernels): parity checks what training computes.
+    choice = kernels.for_devices()
+    train_step = kernels.jit(make_train_step(preprocessing, augment=None, precision="fp64" if float64 else "fp32"),
+                             choice)
     return (fmodel, learning_rate(config, 1), make_optimizer(config), train_step,
-            jax.jit(_flax_gradient(fmodel, preprocessing)))
+            kernels.jit(_flax_gradient(fmodel, preprocessing), choice))
 
 
 def _flax_gradient(fmodel, preprocessing: dict):

@@ -1,5 +1,5 @@
 """jaxcell.onednn: oneDNN's convolutions inside XLA:CPU programs. Their values and gradients are
-checked against lax's in tests/test_bench.py (test_cpu_convolutions_match_lax), against torch's
+checked against lax's in tests/test_cpu_forms.py (test_cpu_convolutions_match_lax), against torch's
 by the parity suites, which run through them, and here by the battery (jaxcell.onednn_battery)
 at every ISA this CPU has; also here: that they are built where their pieces are, that train
 steps really call them (and only where they may), that a kind of convolution the battery finds
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxcell import models, onednn, onednn_battery, train
-from jaxcell.models import layers
+from jaxcell import cpu_forms, kernels, models, onednn, onednn_battery, train
+from jaxcell.kernels import Kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAN_BUILD = platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("g++") is not None
@@ -95,9 +95,9 @@ def _losses(name: str, onednn_on: bool, steps: int = 3, size: int = 32, **kw) ->
     state = train.init_state(model, tx, size, jax.random.key(0))
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (8, size, size, 3), np.uint8), "label": rng.integers(0, 4, 8, np.int32)}
-    with layers.cpu_forms(onednn=onednn_on):
-        step, _ = train.compile_steps(placement, models.spec(name).preprocessing)
-        step = step.lower(state, batch, jax.random.key(1)).compile()
+    step, _ = train.compile_steps(placement, models.spec(name).preprocessing,
+                                  choice=Kernels.ONEDNN if onednn_on else Kernels.CPU_FORMS)
+    step = step.lower(state, batch, jax.random.key(1)).compile()
     losses = []
     for _ in range(steps):
         state, metrics = step(state, batch, jax.random.key(1))
@@ -121,11 +121,10 @@ def test_negative_padding_stays_with_xla():
     w = jnp.ones((3, 3, 4, 4))
     dims = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
     args = ((1, 1), ((-1, 0), (0, -1)))
-    with layers.cpu_forms(workarounds=True, onednn=True):
-        ours = jax.jit(lambda x, w: layers.conv_general_dilated(x, w, *args, dimension_numbers=dims))
-        assert onednn.TARGET not in ours.lower(x, w).as_text()
-        np.testing.assert_allclose(ours(x, w), lax.conv_general_dilated(x, w, *args, dimension_numbers=dims),
-                                   rtol=1e-6, atol=1e-5)
+    ours = jax.jit(lambda x, w: cpu_forms.conv_general_dilated(x, w, *args, dimension_numbers=dims, use_onednn=True))
+    assert onednn.TARGET not in ours.lower(x, w).as_text()
+    np.testing.assert_allclose(ours(x, w), lax.conv_general_dilated(x, w, *args, dimension_numbers=dims),
+                               rtol=1e-6, atol=1e-5)
 
 
 # --- the battery at each ISA, and the guard built on it ------------------------------------------
@@ -178,8 +177,8 @@ def test_the_guard_passes_this_build():
     found = onednn.verdict()
     assert not found.get("error") and all(case["agrees"] for case in found["cases"]), found
     assert (found["version"], found["isa"]) == (onednn.library()["version"], onednn.library()["isa"])
-    assert onednn.convolutions() == {"backend": "onednn", **{k: found[k] for k in ("version", "isa")},
-                                     "routed_to_xla": []}
+    assert kernels.convolutions(Kernels.ONEDNN) == {"backend": "onednn", **{k: found[k] for k in ("version", "isa")},
+                                                    "routed_to_xla": []}
 
 
 @pytest.mark.usefixtures("onednn_built", "fresh_verdict")
@@ -209,12 +208,10 @@ def test_a_kind_that_disagrees_goes_to_xla_with_a_warning(monkeypatch, tmp_path)
 
     def traced(w, stride):
         dims = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-        with layers.cpu_forms(workarounds=True, onednn=True):
-            return str(jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
-                x, w, (stride, stride), ((0, 0), (0, 0)), dimension_numbers=dims))(x, w))
+        return str(jax.make_jaxpr(lambda x, w: cpu_forms.conv_general_dilated(
+            x, w, (stride, stride), ((0, 0), (0, 0)), dimension_numbers=dims, use_onednn=True))(x, w))
     assert onednn.TARGET not in traced(w1, 2) and onednn.TARGET in traced(w1, 1) and onednn.TARGET in traced(w3, 2)
-    with layers.cpu_forms(workarounds=True, onednn=True):
-        routed = onednn.convolutions()["routed_to_xla"]
+    routed = kernels.convolutions(Kernels.ONEDNN)["routed_to_xla"]
     assert "1x1, strided, undilated, in <8, out 8k, map >= kernel" in routed and len(routed) <= len(strided_1x1)
 
     onednn.verdict.cache_clear()
@@ -224,8 +221,8 @@ def test_a_kind_that_disagrees_goes_to_xla_with_a_warning(monkeypatch, tmp_path)
 
 
 def test_the_record_says_xla_where_onednn_does_not_run():
-    """Split steps, bfloat16 and oneDNN turned off trace XLA's convolutions; so the record says."""
-    assert onednn.convolutions(devices=2) == {"backend": "xla"}
-    assert onednn.convolutions(precision="bf16") == {"backend": "xla"}
-    with layers.cpu_forms(onednn=False):
-        assert onednn.convolutions() == {"backend": "xla"}
+    """Split steps, bfloat16 and the kernels without oneDNN trace XLA's convolutions; so the record says."""
+    assert kernels.for_devices(jax.devices()[:2]) is Kernels.CPU_FORMS
+    assert kernels.convolutions(kernels.for_devices(jax.devices()[:2])) == {"backend": "xla"}
+    assert kernels.convolutions(Kernels.ONEDNN, precision="bf16") == {"backend": "xla"}
+    assert kernels.convolutions(Kernels.CPU_FORMS) == kernels.convolutions(Kernels.XLA) == {"backend": "xla"}

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcell import data, onednn, pipeline
+from jaxcell import data, kernels, pipeline
 from jaxcell.checkpoint import Checkpoints
 from jaxcell.errors import UserError
 from jaxcell.train import Placement, TrainConfig, train
@@ -48,7 +48,9 @@ def test_one_device_and_four_devices_train_alike(smears, tmp_path):
     assert worst < 1e-5, worst
     assert one.history[-1]["val_accuracy"] == pytest.approx(four.history[-1]["val_accuracy"])
     recorded = {n: json.load(open(tmp_path / n / "config.json"))["convolutions"] for n in ("one", "four")}
-    assert recorded == {"one": onednn.convolutions(1), "four": {"backend": "xla"}}
+    assert recorded == {"one": kernels.convolutions(kernels.for_devices(jax.devices()[:1])), "four": {"backend": "xla"}}
+    chosen = {n: json.load(open(tmp_path / n / "config.json"))["kernels"] for n in ("one", "four")}
+    assert chosen == {"one": kernels.for_devices(jax.devices()[:1]).value, "four": "cpu-forms"}
 
 
 def test_extending_a_run_with_resume_continues_bit_identically(smears, tmp_path):
@@ -244,7 +246,8 @@ def matmul_dtypes(precision: str):
     tx = trainer.make_optimizer(config())
     state = trainer.init_state(model, tx, 16, trainer.init_key(0))
     batch = {"image": np.zeros((4, 16, 16, 3), np.uint8), "label": np.zeros(4, np.int32)}
-    step = jax.jit(trainer.make_train_step(trainer.models.spec("lightnetcell").preprocessing, None, precision))
+    step = kernels.jit(trainer.make_train_step(trainer.models.spec("lightnetcell").preprocessing, None, precision),
+                       kernels.for_devices())  # the trainer's kernels
     ops = [line.rsplit(" : ", 1)[1] for line in step.lower(state, batch, jax.random.key(0)).as_text().splitlines()
            if any(op in line for op in ("stablehlo.convolution", "stablehlo.dot_general", "@jaxcell_onednn_conv"))]
     out = jax.eval_shape(step, state, batch, jax.random.key(0))[0]

@@ -1,19 +1,16 @@
-"""Building blocks shared by every model, set up so that each one computes what its
-torch twin computes (docs/parity.md): explicit symmetric padding, torch's
-BatchNorm semantics, exact GELU; and, on CPU, convolutions (oneDNN's, jaxcell.onednn, where it is
-built), BatchNorm and max-pool gradients in forms that XLA:CPU runs fast (the same functions;
-docs/benchmarks.md)."""
+"""Building blocks shared by every model, set up so that each one computes what its torch twin
+computes (docs/parity.md): explicit symmetric padding, torch's BatchNorm semantics, torch's max
+pooling. Their convolutions, BatchNorm training pass and max pooling run on the kernels that the
+code compiling the model chose (jaxcell.kernels): XLA's unless it asked for others.
+"""
 
-import contextlib
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from jaxcell import onednn
+from jaxcell import kernels
 
 
 def conv(features: int, kernel: int = 3, stride: int = 1, dilation: int = 1, groups: int = 1,
@@ -25,188 +22,7 @@ def conv(features: int, kernel: int = 3, stride: int = 1, dilation: int = 1, gro
     p = dilation * (kernel - 1) // 2 if padding is None else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
                    kernel_dilation=(dilation, dilation), feature_group_count=groups, use_bias=bias,
-                   dtype=dtype, name=name, conv_general_dilated=conv_general_dilated)
-
-
-# Workarounds for XLA:CPU (docs/benchmarks.md): the same functions and gradients, in forms that
-# XLA:CPU runs fast. None: whenever JAX's default backend is the CPU (they are not measured on
-# GPUs yet); True / False: always / never.
-XLA_CPU_WORKAROUNDS: bool | None = None
-# With the workarounds on, float32 convolutions go to oneDNN (jaxcell.onednn) where it is built;
-# False keeps XLA's own (Eigen) convolutions. A computation split over several devices must use
-# XLA's (jaxcell.train.compile_steps sees to it): XLA cannot split a custom call, and would run
-# each whole convolution on every device.
-ONEDNN_CONVOLUTIONS: bool = True
-
-
-_KEEP = object()
-
-
-@contextlib.contextmanager
-def cpu_forms(workarounds: Any = _KEEP, onednn: Any = _KEEP):
-    """Trace with XLA_CPU_WORKAROUNDS and ONEDNN_CONVOLUTIONS set as given (the others kept); both
-    are restored after. onednn=True keeps a False: it cannot turn oneDNN on where it was off."""
-    global XLA_CPU_WORKAROUNDS, ONEDNN_CONVOLUTIONS
-    saved = XLA_CPU_WORKAROUNDS, ONEDNN_CONVOLUTIONS
-    if workarounds is not _KEEP:
-        XLA_CPU_WORKAROUNDS = workarounds
-    if onednn is not _KEEP:
-        ONEDNN_CONVOLUTIONS = onednn and saved[1]
-    try:
-        yield
-    finally:
-        XLA_CPU_WORKAROUNDS, ONEDNN_CONVOLUTIONS = saved
-
-
-def _cpu_workarounds() -> bool:
-    return XLA_CPU_WORKAROUNDS if XLA_CPU_WORKAROUNDS is not None else jax.default_backend() == "cpu"
-
-
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """lax.conv_general_dilated; on CPU, a plain NHWC/HWIO convolution goes to oneDNN (float32, where
-    it is built) or to `_cpu_conv`, which computes the same values and gradients in forms that
-    XLA:CPU runs fast."""
-    rhs_dilation = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
-    plain = (_cpu_workarounds() and lhs.ndim == 4 and not kwargs and tuple(lhs_dilation or (1, 1)) == (1, 1)
-             and not isinstance(padding, str)
-             and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-    if plain and feature_group_count > 1:
-        # XLA:CPU rewrites a grouped convolution's weight gradient into a 5-D convolution with a
-        # dilated input that no library kernel takes (300 ms a step each in BRIN at 64 px): one
-        # ordinary convolution per group instead, the same sums.
-        g = feature_group_count
-        xs, ws = jnp.split(lhs, g, axis=3), jnp.split(rhs, g, axis=3)
-        return jnp.concatenate([conv_general_dilated(x, w, window_strides, padding, None, rhs_dilation,
-                                                     lax.conv_dimension_numbers(x.shape, w.shape, _NHWC),
-                                                     1, precision) for x, w in zip(xs, ws)], axis=3)
-    if plain:
-        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-        if _onednn_convolutions(lhs, rhs, window_strides, padding, rhs_dilation):
-            return onednn.conv(lhs, rhs, tuple(window_strides), padding, rhs_dilation)
-        out = onednn.output_shape(lhs.shape, rhs.shape, window_strides, padding, rhs_dilation)[1:3]
-        taps = rhs.shape[0] * rhs.shape[1]
-        # XLA's ConvOperandSwapper swaps the operands of a convolution whose kernel has more taps
-        # than its input has pixels (ResNet's last stage at 64 px: 3x3 kernels on 2x2 maps; also
-        # the input gradient of a convolution with such an output). XLA:CPU has no library kernel
-        # for the swapped layout and loops: 270 ms for PyTorch's 4 (3x3, 512 channels, 2x2, batch
-        # 32). Explicit zeros keep every operand at least as large as the kernel.
-        explicit = lhs.shape[1] * lhs.shape[2] < taps or out[0] * out[1] < taps
-        if taps * lhs.size <= rhs.size:
-            # Maps this small against the kernel (ResNet's last stage at 64 px) are cheaper as one
-            # matrix product with their patches: no kernel transposes, nothing for XLA to swap.
-            return _patches_conv(lhs, rhs, tuple(window_strides), padding, rhs_dilation, precision)
-        return _cpu_conv(lhs, rhs, tuple(window_strides), padding, rhs_dilation, precision, explicit)
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                    feature_group_count=feature_group_count, precision=precision, **kwargs)
-
-
-def onednn_convolutions_on() -> bool:
-    """Whether plain float32 convolutions traced now go to oneDNN, where it is built."""
-    return _cpu_workarounds() and ONEDNN_CONVOLUTIONS
-
-
-def _onednn_convolutions(lhs, rhs, strides, padding, dilation) -> bool:
-    # onednn.verified: the geometry's kind passed the check against XLA on this machine
-    return (ONEDNN_CONVOLUTIONS and lhs.dtype == rhs.dtype == jnp.float32
-            and min(p for pair in padding for p in pair) >= 0 and onednn.available()
-            and onednn.verified(lhs.shape, rhs.shape, strides, dilation))
-
-
-def _patches_conv(x, w, strides, padding, dilation, precision):
-    """The convolution as patches (N, Ho, Wo, kh * kw * Cin) times the kernel (kh * kw * Cin, Cout);
-    autodiff turns it into two more products and the sum of the patches' shifted gradients."""
-    kh, kw, cin, cout = w.shape
-    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
-    (s1, s2), (d1, d2) = strides, dilation
-    ho = (xp.shape[1] - (kh - 1) * d1 - 1) // s1 + 1
-    wo = (xp.shape[2] - (kw - 1) * d2 - 1) // s2 + 1
-    taps = [lax.slice(xp, (0, i * d1, j * d2, 0), (x.shape[0], i * d1 + (ho - 1) * s1 + 1, j * d2 + (wo - 1) * s2 + 1, cin),
-                      (1, s1, s2, 1)) for i in range(kh) for j in range(kw)]
-    return lax.dot_general(jnp.concatenate(taps, axis=-1), w.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
-                           precision=precision)
-
-
-def _zeros_around(x, pads):
-    """lax.pad with zeros; the barrier keeps XLA from folding them back into a convolution's padding."""
-    return lax.optimization_barrier(lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *pads, (0, 0, 0))))
-
-
-def _forward(x, w, strides, padding, dilation, precision, explicit):
-    if explicit:
-        return lax.conv_general_dilated(_zeros_around(x, [(lo, hi, 0) for lo, hi in padding]), w, strides,
-                                        "VALID", rhs_dilation=dilation, dimension_numbers=_NHWC, precision=precision)
-    return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=_NHWC,
-                                    precision=precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _cpu_conv(x, w, strides, padding, dilation, precision, explicit):
-    return _forward(x, w, strides, padding, dilation, precision, explicit)
-
-
-def _cpu_conv_fwd(x, w, strides, padding, dilation, precision, explicit):
-    x = _materialized(x)
-    return _forward(x, w, strides, padding, dilation, precision, explicit), (x, w)
-
-
-def _cpu_conv_bwd(strides, padding, dilation, precision, explicit, residuals, dy):
-    x, w = residuals
-    dy = _materialized(dy)
-    _, w_vjp = jax.vjp(lambda w: _forward(x, w, strides, padding, dilation, precision, explicit), w)
-    (dw,) = w_vjp(dy)
-    # dL/dx: the full correlation of dy, spread out by the stride, with the kernel flipped in
-    # space and transposed in channels. XLA fuses a flip with a transpose into a slow loop (10 ms
-    # for a 3x3x512x512 kernel, 2.5 ms for the transpose alone; a flip of maps costs about what
-    # a transpose does), so unless the maps are 4x the kernel they are flipped instead:
-    # flip(correlate(flip(dy), w)) is the same sum.
-    pads = []
-    for axis, k, s, d, (lo, _) in zip((1, 2), w.shape[:2], strides, dilation, padding):
-        k_eff = (k - 1) * d + 1
-        before = k_eff - 1 - lo
-        after = x.shape[axis] + k_eff - 1 - ((dy.shape[axis] - 1) * s + 1) - before
-        pads.append((before, after, s - 1))
-    kernel = jnp.transpose(w, (0, 1, 3, 2))
-    flip_maps = dy.size + x.size < 4 * w.size
-    if flip_maps:
-        dy = jnp.flip(dy, (1, 2))
-        pads = [(after, before, interior) for before, after, interior in pads]
-    else:
-        kernel = jnp.flip(kernel, (0, 1))
-    if explicit:  # negative pads crop
-        dx = lax.conv_general_dilated(_zeros_around(dy, pads), kernel, (1, 1), "VALID", rhs_dilation=dilation,
-                                      dimension_numbers=_NHWC, precision=precision)
-    else:
-        dx = lax.conv_general_dilated(dy, kernel, (1, 1), [(b, a) for b, a, _ in pads], lhs_dilation=strides,
-                                      rhs_dilation=dilation, dimension_numbers=_NHWC, precision=precision)
-    if flip_maps:
-        dx = jnp.flip(dx, (1, 2))
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
-
-
-@jax.custom_vjp
-def _materialized(x: jax.Array) -> jax.Array:
-    """x, written to memory once where it is computed.
-
-    XLA:CPU fuses the cheap elementwise work that produces a convolution's operand (BatchNorm,
-    residual add, ReLU, and their gradients) into every consumer, including the transposes of
-    the weight gradient, which then recompute it in slow strided loops (70 ms for ResNet18's
-    layer-1 inputs at 224 px, against 2.4 ms for a plain transpose). Its fusion pass never
-    duplicates an "expensive" op, and a division is one: x / (1 + (x != x)) is x, bit for bit,
-    for every value XLA:CPU keeps (NaN and inf included; it flushes subnormals in any arithmetic),
-    and the simplifier cannot fold it away.
-    """
-    return x / (1 + (x != x).astype(x.dtype))
-
-
-_materialized.defvjp(lambda x: (_materialized(x), None), lambda _, g: (g,))
+                   dtype=dtype, name=name, conv_general_dilated=kernels.conv_general_dilated)
 
 
 class BatchNorm(nn.Module):
@@ -232,10 +48,7 @@ class BatchNorm(nn.Module):
         running_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
         count = self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32)
         if train:
-            # On CPU with torch's two-sum gradient (a custom VJP); elsewhere autodiff of the same
-            # function (`.fun`).
-            normalize = _batch_norm_train if _cpu_workarounds() else _batch_norm_train.fun
-            y, mean, var = normalize(x, scale, bias, self.epsilon)
+            y, mean, var = kernels.batch_norm_train(batch_norm_train, x, scale, bias, self.epsilon)
             if not self.is_initializing():
                 n = x.size // c
                 m = self.momentum
@@ -255,43 +68,18 @@ def _normalize(x, mean, var, scale, bias, epsilon):
     return ((x.astype(_stats_dtype(x)) - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _batch_norm_train(x, scale, bias, epsilon):
-    """Training-mode BatchNorm: (y, batch mean, biased batch variance); statistics in float32.
-    Its custom gradient is torch's, two sums over dy: XLA's autodiff of the two-pass variance
-    makes five, each a pass over the activations on a CPU."""
+def batch_norm_train(x, scale, bias, epsilon):
+    """Training-mode BatchNorm: (y, batch mean, biased batch variance); statistics in float32."""
     xf = x.astype(_stats_dtype(x))
     axes = tuple(range(x.ndim - 1))
     mean = xf.mean(axes)
     # Two-pass: no cancellation. One reduction of (x, x^2) would be one all-reduce under a sharded
     # batch instead of two dependent ones, but E[x^2] - E[x]^2 cancels: the variance's relative
     # error went from 1e-7 to 7e-6 at mean/std 5 (65,536 samples per channel), and with 2 samples
-    # per channel autodiff's gradient differed from this VJP's by 5.0 (tests/test_bench.py).
+    # per channel autodiff's gradient differed from torch's two-sum one by 5.0
+    # (jaxcell.cpu_forms.batch_norm_train, tests/test_cpu_forms.py).
     var = jnp.square(xf - mean).mean(axes)
     return _normalize(x, mean, var, scale, bias, epsilon), mean, var
-
-
-def _batch_norm_train_fwd(x, scale, bias, epsilon):
-    out = _batch_norm_train(x, scale, bias, epsilon)
-    return out, (x, scale, out[1], out[2])
-
-
-def _batch_norm_train_bwd(epsilon, residuals, cotangents):
-    x, scale, mean, var = residuals
-    dy, dmean, dvar = cotangents
-    axes, n = tuple(range(x.ndim - 1)), x.size // x.shape[-1]
-    rstd = jax.lax.rsqrt(var + epsilon)
-    centred = x.astype(_stats_dtype(x)) - mean
-    g = dy.astype(_stats_dtype(x))
-    dbias = g.sum(axes)
-    dscale = (g * centred).sum(axes) * rstd
-    # y = scale * rstd * (x - mean) + bias with mean and var functions of x; mean and var are
-    # outputs too (the running statistics), hence their cotangents' terms at the end.
-    dx = (scale * rstd) * (g - dbias / n - centred * (rstd * dscale / n)) + (dmean + 2 * dvar * centred) / n
-    return dx.astype(x.dtype), dscale, dbias
-
-
-_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 def max_pool(x: jax.Array, window: int = 2, stride: int | None = None, padding: int = 0,
@@ -299,16 +87,12 @@ def max_pool(x: jax.Array, window: int = 2, stride: int | None = None, padding: 
     """torch.nn.MaxPool2d (padding counts as -inf), floor or ceil mode.
 
     The gradient goes to the first maximum of each window, as in torch and in XLA's
-    select_and_scatter. XLA:CPU rewrites select_and_scatter into a variadic reduce_window over
-    four full-size index arrays and a scatter, which costs more than the convolutions around
-    it; on CPU the same gradient comes from `_max_pool_first_max`, a few elementwise ops.
+    select_and_scatter.
     """
     s = stride or window
     extra = [_ceil_extra(n, window, s, padding) if ceil_mode else 0 for n in x.shape[1:3]]
     pads = tuple((padding, padding + e) for e in extra)
-    if _cpu_workarounds():
-        return _max_pool_first_max(x, window, s, pads)
-    return nn.max_pool(x, (window, window), strides=(s, s), padding=pads)
+    return kernels.max_pool(x, window, s, pads)
 
 
 def _ceil_extra(n: int, window: int, stride: int, padding: int) -> int:
@@ -316,60 +100,6 @@ def _ceil_extra(n: int, window: int, stride: int, padding: int) -> int:
     that window would start in the right padding (torch drops it)."""
     extra = -(n + 2 * padding - window) % stride
     return extra if extra and (n + 2 * padding - window + extra) // stride * stride < n + padding else 0
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool_first_max(x: jax.Array, window: int, stride: int, pads) -> jax.Array:
-    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
-
-
-def _max_pool_first_max_fwd(x, window, stride, pads):
-    x = _materialized(x)
-    y = _max_pool_first_max(x, window, stride, pads)
-    return y, (x, y)
-
-
-def _first_hits(taps: list[jax.Array], y: jax.Array) -> list[jax.Array]:
-    """Per tap, where it holds its window's first maximum (a NaN counts as the maximum)."""
-    taken = jnp.zeros(y.shape, bool)
-    firsts = []
-    for t in taps:
-        hit = ((t == y) | jnp.isnan(t)) & ~taken
-        firsts.append(hit)
-        taken = taken | hit
-    return firsts
-
-
-def _max_pool_first_max_bwd(window, stride, pads, residuals, dy):
-    x, y = residuals
-    (n, ho, wo, c), k, zero = y.shape, window, jnp.zeros((), dy.dtype)
-    if stride == k and pads == ((0, 0), (0, 0)):
-        # Disjoint windows, seen as axes of x: a select against dy broadcast over them.
-        xw = x[:, :ho * k, :wo * k].reshape(n, ho, k, wo, k, c)
-        firsts = _first_hits([xw[:, :, i, :, j, :] for i in range(k) for j in range(k)], y)
-        mask = jnp.stack(firsts, axis=-2).reshape(n, ho, wo, k, k, c).transpose(0, 1, 3, 2, 4, 5)
-        dx = jnp.where(mask, dy[:, :, None, :, None, :], zero).reshape(n, ho * k, wo * k, c)
-        dx = lax.pad(dx, zero, ((0, 0, 0), (0, x.shape[1] - ho * k, 0), (0, x.shape[2] - wo * k, 0), (0, 0, 0)))
-    else:
-        # Overlapping windows: each tap's share of dy, spread back to where the tap reads.
-        xp = lax.pad(x, jnp.asarray(-jnp.inf, x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-        offsets = [(i, j) for i in range(k) for j in range(k)]
-        span = lambda i, h: (i, i + (h - 1) * stride + 1)  # noqa: E731
-        taps = [lax.slice(xp, (0, span(i, ho)[0], span(j, wo)[0], 0), (n, span(i, ho)[1], span(j, wo)[1], c),
-                          (1, stride, stride, 1)) for i, j in offsets]
-        dxp = None
-        for (i, j), hit in zip(offsets, _first_hits(taps, y)):
-            part = lax.pad(jnp.where(hit, dy, zero), zero,
-                           ((0, 0, 0), (i, xp.shape[1] - span(i, ho)[1], stride - 1),
-                            (j, xp.shape[2] - span(j, wo)[1], stride - 1), (0, 0, 0)))
-            dxp = part if dxp is None else dxp + part
-        dx = dxp[:, pads[0][0]:pads[0][0] + x.shape[1], pads[1][0]:pads[1][0] + x.shape[2]]
-    # Materialized once: fused into the reductions of the BatchNorm gradient that follows, the
-    # k*k spread parts would be recomputed by each of them (4x the work, measured on ResNet18).
-    return (lax.optimization_barrier(dx),)
-
-
-_max_pool_first_max.defvjp(_max_pool_first_max_fwd, _max_pool_first_max_bwd)
 
 
 def flatten_like_torch(x: jax.Array) -> jax.Array:

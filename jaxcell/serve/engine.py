@@ -64,10 +64,12 @@ class Engine:
         import jax
         import jax.numpy as jnp
 
+        from jaxcell import kernels
+
         self.predictor, self.batch_size, self.max_wait = predictor, batch_size, max_wait_ms / 1000
         self.image_shape = (predictor.image_size, predictor.image_size, 3)
         self.sizes = sorted({min(2 ** k, batch_size) for k in range(batch_size.bit_length() + 1)})
-        fn = jax.jit(predictor.program(cam=True, cam_layer=cam_layer, batch_size=batch_size))
+        fn = kernels.jit(predictor.program(cam=True, cam_layer=cam_layer, batch_size=batch_size), kernels.for_devices())
         self.variables = jax.device_put(predictor.variables)
         start = time.perf_counter()
         with _CacheEvents() as events:
