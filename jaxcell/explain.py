@@ -256,12 +256,14 @@ def _as_target(target):
 
 
 def _as_input(x, like=None):
+    """float32, or float64 for a float64 input while JAX's x64 mode is on (the float64 checks
+    against captum); like: broadcast to its shape, in its dtype."""
     import jax.numpy as jnp
 
-    x = jnp.asarray(x, jnp.float32)
+    x = jnp.asarray(x)
     if like is not None:
-        x = jnp.broadcast_to(x, like.shape)
-    return x
+        return jnp.broadcast_to(x.astype(like.dtype), like.shape)
+    return x.astype(jnp.float64 if x.dtype == jnp.float64 else jnp.float32)
 
 
 def integrated_gradients(model, variables, images, target=None, baseline=None, steps: int = 50,
@@ -273,7 +275,9 @@ def integrated_gradients(model, variables, images, target=None, baseline=None, s
     x = _as_input(images)
     base = _as_input(0.0 if baseline is None else baseline, x)
     alphas, sizes = ig_quadrature(steps, method)
-    return _integrated_gradients(_Same(model), variables, x, base, _as_target(target), alphas.astype(np.float32).tobytes(),
+    # As captum: the alphas exact (rounded once, to the input's dtype), the step sizes float32
+    # whatever the input's dtype (captum's `torch.tensor(step_sizes).float()`).
+    return _integrated_gradients(_Same(model), variables, x, base, _as_target(target), alphas.tobytes(),
                                  sizes.astype(np.float32).tobytes(), chunk)
 
 
@@ -322,7 +326,8 @@ def _integrated_gradients(model, variables, x, base, target, alphas, sizes, chun
     import jax.numpy as jnp
 
     model = model.module
-    alphas, sizes = (jnp.asarray(np.frombuffer(b, np.float32)) for b in (alphas, sizes))
+    alphas = jnp.asarray(np.frombuffer(alphas, np.float64).astype(x.dtype))
+    sizes = jnp.asarray(np.frombuffer(sizes, np.float32).astype(x.dtype))
     target = _targets(model, variables, x, target)
     score = _target_score(model, variables, target)
     grads = _vmap_chunks(lambda a: jax.grad(score)(base + a * (x - base)), alphas, chunk)
