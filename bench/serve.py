@@ -64,7 +64,7 @@ def offline(workdir: str, paths: list[str], batch_size: int, cam: bool) -> dict:
     from jaxcell.data.images import load_images
     from jaxcell.explain import overlay
     from jaxcell.inference import Predictor
-    from jaxcell.serve.app import _png_data_url
+    from jaxcell.serve.app import png_data_url
 
     predictor = Predictor.load(workdir)
 
@@ -74,7 +74,7 @@ def offline(workdir: str, paths: list[str], batch_size: int, cam: bool) -> dict:
         answers = predictor.answers(out["logits"], out.get("features"), out.get("detector_logits"))
         if cam:
             for image, m in zip(images, out["maps"]):  # the server's overlay and encoding
-                _png_data_url(overlay(image, m))
+                png_data_url(overlay(image, m))
         return answers
 
     once()  # compiles

@@ -37,7 +37,7 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _png_data_url(image: np.ndarray) -> str:
+def png_data_url(image: np.ndarray) -> str:
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -118,7 +118,7 @@ def create_app(engine, card: dict, *, token: str | None = None, max_upload_bytes
         results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
 
         def render():  # the overlay on the image the model saw, at its size: the page scales it up
-            return [{"file": name, **answer, "cam": _png_data_url(overlay(image, cam_map))}
+            return [{"file": name, **answer, "cam": png_data_url(overlay(image, cam_map))}
                     for (name, image), (answer, cam_map) in zip(decoded, results)]
 
         return {"results": await run_in_threadpool(render)}
