@@ -4,7 +4,7 @@
 
 1. Offline: the code path of `jaxcell predict` (decode the files, one compiled program over batches of
    --offline-batch-size, the answers) over the very images the clients will send, timed after a
-   warm-up; and the same with Grad-CAM overlays encoded as PNG, which the server does for every image.
+   warm-up; and the same with Grad-CAM overlays encoded as PNG as the server encodes them for every image.
 2. Served: `jaxcell serve` in a subprocess on loopback; --clients threads each send --requests
    single-image POST /predict requests one after another. Errors (any status but 200, any exception)
    are counted; latency is per request, from send to parsed answer.
@@ -61,13 +61,10 @@ def cpu_seconds(pid: int) -> float:
 
 def offline(workdir: str, paths: list[str], batch_size: int, cam: bool) -> dict:
     """`jaxcell predict`'s path over `paths`: images per second after one warm-up pass."""
-    import io
-
-    from PIL import Image
-
     from jaxcell.data.images import load_images
     from jaxcell.explain import overlay
     from jaxcell.inference import Predictor
+    from jaxcell.serve.app import png_data_url
 
     predictor = Predictor.load(workdir)
 
@@ -76,8 +73,8 @@ def offline(workdir: str, paths: list[str], batch_size: int, cam: bool) -> dict:
         out = predictor.outputs(images, batch_size, cam=cam)
         answers = predictor.answers(out["logits"], out.get("features"), out.get("detector_logits"))
         if cam:
-            for image, m in zip(images, out["maps"]):
-                Image.fromarray(overlay(image, m)).save(io.BytesIO(), format="PNG")
+            for image, m in zip(images, out["maps"]):  # the server's overlay and encoding
+                png_data_url(overlay(image, m))
         return answers
 
     once()  # compiles

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 
@@ -188,6 +189,14 @@ class Extractor:
 # ---------------------------------------------------------------------------------------------
 # The scores (numpy).
 
+@functools.cache
+def _blas_threads():
+    """threadpoolctl's handle on the BLAS numpy uses (made once: finding the libraries costs more than a score)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 def _logsumexp(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, np.float64)
     top = z.max(-1, keepdims=True)
@@ -225,8 +234,20 @@ class Detector:
     def widths(self) -> list[int]:
         return [int(w) for w in self.arrays["block_widths"]]
 
-    def scores(self, features: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
-        """Every method's score, (N,) each. features: `detector_inputs`'s, logits the model's."""
+    def scores(self, features: np.ndarray, logits: np.ndarray, methods=METHODS) -> dict[str, np.ndarray]:
+        """Each method's score, (N,) each (those of `methods`, computing only what they need). features:
+        `detector_inputs`'s, logits the model's.
+
+        On one BLAS thread: these products are small (a few hundred columns), and waking a second
+        thread costs more than it saves; on a busy machine, ten times more (docs/benchmarks.md,
+        "Serving under load"), which the server pays on every batch and `jaxcell predict` on each."""
+        for method in methods:
+            check_method(method)
+        with _blas_threads().limit(limits=1, user_api="blas"):
+            out = self._scores(features, logits, set(methods))
+        return {m: out[m] for m in methods}
+
+    def _scores(self, features: np.ndarray, logits: np.ndarray, want: set[str]) -> dict[str, np.ndarray]:
         a, widths = self.arrays, self.widths
         f = np.asarray(features, np.float64)
         if f.ndim != 2 or f.shape[1] != sum(widths):
@@ -235,28 +256,35 @@ class Detector:
         edges = np.cumsum([0, *widths])
         blocks = [f[:, edges[i]:edges[i + 1]] for i in range(len(widths))]
         p = blocks[0]                                             # the penultimate features
-        logits = np.asarray(logits, np.float64)
-        lse = _logsumexp(logits)
-        out = {"msp": 1.0 - np.exp(logits.max(-1) - lse), "energy": -lse}
-        out["mahalanobis"] = _distance2(p, a["means"], a["whiten"]).min(1)
-        # kNN on unit vectors: |u - b|^2 = 2 - 2 u.b; the k-th smallest distance.
-        sim = _unit(p) @ a["bank"].T
-        k = min(int(a["knn_k"]), sim.shape[1])
-        kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
-        out["knn"] = np.sqrt(np.maximum(2 - 2 * kth, 0.0))
-        residual = np.linalg.norm((p - a["vim_origin"]) @ a["vim_residual"], axis=1)
-        out["vim"] = float(a["vim_alpha"]) * residual - lse
-        # Every later block: one Gaussian over all classes, its distance standardized on the validation split.
-        standard = [(_distance2(b, a[f"block{i}_mean"][None], a[f"block{i}_whiten"])[:, 0] - a[f"center_block{i}"])
-                    / a[f"spread_block{i}"] for i, b in enumerate(blocks) if i > 0]
-        out["layers"] = np.mean(standard, axis=0) if standard else np.zeros(len(f))
-        maha = (out["mahalanobis"] - a["center_mahalanobis"]) / a["spread_mahalanobis"]
-        out["combined"] = np.mean([maha, *standard], axis=0)
+        out = {}
+        if want & {"msp", "energy", "vim"}:
+            logits = np.asarray(logits, np.float64)
+            lse = _logsumexp(logits)
+            out["msp"], out["energy"] = 1.0 - np.exp(logits.max(-1) - lse), -lse
+        if want & {"mahalanobis", "combined"}:
+            out["mahalanobis"] = _distance2(p, a["means"], a["whiten"]).min(1)
+        if "knn" in want:  # on unit vectors: |u - b|^2 = 2 - 2 u.b; the k-th smallest distance
+            sim = _unit(p) @ a["bank"].T
+            k = min(int(a["knn_k"]), sim.shape[1])
+            kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
+            out["knn"] = np.sqrt(np.maximum(2 - 2 * kth, 0.0))
+        if "vim" in want:
+            residual = np.linalg.norm((p - a["vim_origin"]) @ a["vim_residual"], axis=1)
+            out["vim"] = float(a["vim_alpha"]) * residual - lse
+        if want & {"layers", "combined"}:
+            # Every later block: one Gaussian over all classes, its distance standardized on the validation split.
+            standard = [(_distance2(b, a[f"block{i}_mean"][None], a[f"block{i}_whiten"])[:, 0]
+                         - a[f"center_block{i}"]) / a[f"spread_block{i}"] for i, b in enumerate(blocks) if i > 0]
+            out["layers"] = np.mean(standard, axis=0) if standard else np.zeros(len(f))
+        if "combined" in want:
+            maha = (out["mahalanobis"] - a["center_mahalanobis"]) / a["spread_mahalanobis"]
+            out["combined"] = np.mean([maha, *standard], axis=0)
         return out
 
     def score(self, features: np.ndarray, logits: np.ndarray, method: str | None = None) -> np.ndarray:
         """(N,) the detector's score, higher = more foreign (another method's with `method`)."""
-        return self.scores(features, logits)[method or self.method]
+        method = method or self.method
+        return self.scores(features, logits, (method,))[method]
 
     def flagged(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
         return self.score(features, logits) > self.threshold

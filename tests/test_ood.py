@@ -85,6 +85,23 @@ def test_threshold_flags_at_most_two_percent_of_validation_by_construction():
     assert (s > ood.threshold_for(s)).sum() == 2
 
 
+def test_each_method_alone_scores_as_it_does_among_all_and_on_one_blas_thread():
+    """`score` computes only its method's inputs; the numbers are those of `scores` of every method, and the
+    BLAS numpy uses is back to its own thread count afterwards."""
+    from threadpoolctl import threadpool_info
+
+    rng = np.random.default_rng(3)
+    detector, (vf, vz) = _fit_toy(rng, "combined", [("penultimate", 5), ("rest", 3)])
+    before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    every = detector.scores(vf, vz)
+    assert list(every) == list(ood.METHODS)
+    for method in ood.METHODS:
+        np.testing.assert_array_equal(detector.score(vf, vz, method), every[method])
+    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before
+    with pytest.raises(ood.UserError, match="unknown OOD score 'nope'"):
+        detector.score(vf, vz, "nope")
+
+
 def test_a_foreign_set_is_separated_in_a_toy_setting():
     rng = np.random.default_rng(1)
     detector, (vf, vz) = _fit_toy(rng, "mahalanobis")

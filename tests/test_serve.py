@@ -117,6 +117,8 @@ def test_predict_answers_each_image_with_calibrated_probabilities_and_an_overlay
         assert a["cam"].startswith("data:image/png;base64,")
         cam = Image.open(io.BytesIO(__import__("base64").b64decode(a["cam"].split(",", 1)[1])))
         assert cam.format == "PNG" and cam.mode == "RGB"
+        # drawn on the image the model saw, at its size (the page scales it up)
+        assert cam.size == (engine.predictor.image_size, engine.predictor.image_size)
 
 
 def test_the_batched_program_gives_what_predict_gives(client, engine, serve_workdir, tmp_path, capsys):

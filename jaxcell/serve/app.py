@@ -15,6 +15,7 @@ import asyncio
 import base64
 import io
 import secrets
+import zlib
 from importlib import resources
 
 import numpy as np
@@ -28,7 +29,6 @@ from jaxcell.errors import UserError
 from jaxcell.serve.uploads import BadRequest, read_images
 
 OPEN_PATHS = {"/health"}   # served without the token
-DISPLAY_SIDE = 256         # the Grad-CAM overlay is drawn on the upload shrunk to at most this many pixels a side
 PAGE_FILES = {"/": ("page.html", "text/html; charset=utf-8"), "/page.css": ("page.css", "text/css; charset=utf-8"),
               "/page.js": ("page.js", "text/javascript; charset=utf-8")}
 
@@ -37,17 +37,18 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _png_data_url(image: np.ndarray) -> str:
+def png_data_url(image: np.ndarray) -> str:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)  # a small picture: speed over bytes
+    # Speed over bytes: zlib's fastest level with run-length matching costs a quarter of the default level's
+    # CPU for a few per cent more bytes (docs/benchmarks.md, "Serving under load").
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode(files: list[tuple[str, bytes]], image_size: int,
-           max_pixels: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, the model's input (S, S, 3) uint8, a display copy) per upload; the first bad one is refused."""
+def decode(files: list[tuple[str, bytes]], image_size: int, max_pixels: int) -> list[tuple[str, np.ndarray]]:
+    """(name, the model's input (S, S, 3) uint8) per upload; the first bad one is refused."""
     out = []
     for name, data in files:
         try:
@@ -56,9 +57,7 @@ def decode(files: list[tuple[str, bytes]], image_size: int,
             raise BadRequest(413, str(error)) from None
         except UserError as error:
             raise BadRequest(422, str(error)) from None
-        display = im.copy()
-        display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
-        out.append((name, resize_square(im, image_size), np.asarray(display, np.uint8)))
+        out.append((name, resize_square(im, image_size)))
     return out
 
 
@@ -118,9 +117,9 @@ def create_app(engine, card: dict, *, token: str | None = None, max_upload_bytes
         futures = engine.submit(np.stack([d[1] for d in decoded]))
         results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
 
-        def render():
-            return [{"file": name, **answer, "cam": _png_data_url(overlay(display, cam_map))}
-                    for (name, _, display), (answer, cam_map) in zip(decoded, results)]
+        def render():  # the overlay on the image the model saw, at its size: the page scales it up
+            return [{"file": name, **answer, "cam": png_data_url(overlay(image, cam_map))}
+                    for (name, image), (answer, cam_map) in zip(decoded, results)]
 
         return {"results": await run_in_threadpool(render)}
 
