@@ -35,8 +35,12 @@ chromium:
 	@command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
+# Two workers, one test file each at a time (a file's module fixtures, such as a trained run, are
+# made once); TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+
 test: install chromium
-	$(BIN)/pytest -q -m "not slow" --durations=15
+	$(BIN)/pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-all: install chromium
 	$(BIN)/pytest -q

@@ -15,6 +15,17 @@ compilation_cache.enable()
 
 import pytest  # noqa: E402
 
+
+def pytest_configure(config):
+    """Under pytest-xdist (make test runs two workers) the controller builds oneDNN's handler and
+    runs its check against XLA once, before the workers start; each worker then reads both from
+    the cache instead of compiling the same C++ and running the same battery side by side."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        from jaxcell import onednn
+
+        if onednn.available():
+            onednn.verdict()
+
 DEV_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "all4class-dev")
 
 

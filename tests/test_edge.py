@@ -24,7 +24,7 @@ CASES = {
     "lightnetcell": (32, dict(widths=(8, 16, 16), hidden=16)),
     "resnet18": (32, {}),
     "hybrid_vit": (32, dict(widths=(8, 8, 8), dim=16, depth=1, heads=2)),
-    "brin": (32, dict(preset="small")),
+    "brin": (32, dict(width=8, depth=(1, 1), groups=2)),  # every part, a strided block, grouped convs
     "densenet121": (32, {}),
 }
 OD_CENTER = {"hybrid_vit"}  # the all4class-cpu recipe's preprocessing, inside the graph too

@@ -10,8 +10,11 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from jaxcell.train import local, restore_for_inference
+
+pytestmark = pytest.mark.integration
 
 ARGS = ["train", "--model", "lightnetcell", "--model-arg", "widths=(8,16,16)", "--model-arg", "hidden=16",
         "--image-size", "16", "--epochs", "2", "--batch-size", "8", "--synthetic-examples", "96",

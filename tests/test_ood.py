@@ -22,7 +22,7 @@ CASES = {
     "resnet34": (32, {}),
     "resnet50": (32, {}),
     "hybrid_vit": (32, dict(widths=(8, 8, 8), dim=16, depth=1, heads=2)),
-    "brin": (32, dict(preset="small")),
+    "brin": (32, dict(width=8, depth=(1, 1), groups=2)),  # every part, a strided block, grouped convs
     "densenet121": (32, {}),
 }
 SLOW = {"densenet121", "resnet50", "resnet34", "resnet18"}  # the same head as lightnetcell: a dense layer

@@ -18,6 +18,8 @@ from jaxcell.checkpoint import Checkpoints
 from jaxcell.train import local, read_history, restore_for_inference
 from test_multihost import ARGS, free_port, launch
 
+pytestmark = pytest.mark.integration
+
 EPOCHS = 3  # 8 steps an epoch: 24 steps
 STOP_WITHIN_S = 180  # from the signal to both processes' exit; generous for a loaded 2-core machine
 

@@ -46,6 +46,7 @@ def test_the_page_is_self_contained_and_matches_the_png_files(report):
         assert text in page
 
 
+@pytest.mark.integration
 def test_every_figure_renders_in_headless_chromium(report, tmp_path):
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium)")

@@ -273,6 +273,7 @@ def test_serving_an_exported_safetensors_file_gives_the_workdirs_logits(engine, 
                for x in exported.answers(np.asarray(a)))
 
 
+@pytest.mark.integration
 def test_a_restart_reads_the_program_from_the_persistent_cache(serve_workdir, tmp_path):
     """Two processes build the server's engine with one cache directory: the second compiles nothing."""
     script = ("import json, sys; from jaxcell import compilation_cache; from jaxcell.serve.engine import Engine; "

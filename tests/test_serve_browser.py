@@ -14,6 +14,8 @@ pytest.importorskip("playwright.sync_api", reason="the browser test needs playwr
 from conftest import dev_data_path  # noqa: E402
 from test_serve import engine, serve_workdir, server, smear  # noqa: E402,F401  (fixtures shared with the API tests)
 
+pytestmark = pytest.mark.integration
+
 CHROMIUM = "/usr/bin/chromium"
 
 

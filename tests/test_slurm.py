@@ -110,6 +110,7 @@ def run_job(monkeypatch, devices, argv, timeout=240):
     return [w.returncode for w in workers], outputs
 
 
+@pytest.mark.integration
 def test_simulated_slurm_job_sees_every_device_in_one_global_mesh(monkeypatch):
     codes, outputs = run_job(monkeypatch, (2, 2), None)
     assert codes == [0, 0], outputs
@@ -120,6 +121,7 @@ def test_simulated_slurm_job_sees_every_device_in_one_global_mesh(monkeypatch):
 
 
 @pytest.mark.slow  # 145 s on the shared 2-core machine; the probe above checks the mesh in 24 s
+@pytest.mark.integration
 def test_simulated_slurm_job_trains(tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
     argv = [*ARGS, "--workdir", workdir]
@@ -132,6 +134,7 @@ def test_simulated_slurm_job_trains(tmp_path, monkeypatch):
     assert [h["step"] for h in read_history(workdir)] == [8]
 
 
+@pytest.mark.integration
 def test_simulated_slurm_job_with_unequal_devices_is_refused(tmp_path, monkeypatch):
     codes, outputs = run_job(monkeypatch, (2, 3), [*ARGS, "--workdir", str(tmp_path / "run")])
     assert codes == [2, 2], outputs
