@@ -47,6 +47,18 @@ def test_every_benchmark_record_is_cited():
     assert not uncited, f"records no document cites: {uncited}"
 
 
+def test_the_readme_layout_names_every_module():
+    """Each module of the jaxcell package (or its folder) has a row in the README's layout table, so
+    the table follows the tree (a row may name several: `jaxcell/results.py`, `summary.py`)."""
+    layout = _text("README.md").split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = {re.sub(r"^jaxcell/", "", p) for p in re.findall(r"`([\w./]+)`", layout)}
+    modules = sorted(os.path.relpath(p, os.path.join(ROOT, "jaxcell"))
+                     for p in glob.glob(os.path.join(ROOT, "jaxcell", "*.py")) if not p.endswith("__init__.py"))
+    folders = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(ROOT, "jaxcell", "*", "__init__.py")))
+    missing = [m for m in modules if m not in named] + [f for f in folders if f"{f}/" not in named]
+    assert not missing, f"README.md's layout table has no row for: {missing}"
+
+
 def test_cpu_tables_are_what_their_records_give():
     tables = list(TABLE.finditer(_text("docs/benchmarks.md")))
     assert len(tables) == 3
