@@ -40,9 +40,10 @@ cancelling sum on to a step of about lr. In deep nets at batch 4, whose last Bat
 removes the growth: at 32 px over 5 steps, lightnetcell, brin, hybrid_vit and resnet18 agree
 within 1e-9 at batch 4 (resnet18 by 2x), resnet18, resnet34 and densenet121 at batch 16 (by 800x,
 600x, 12x), resnet50, whose stem bias has such zero gradients, at batch 64 (by 17x); docs/parity.md
-has the table, floors and measurements. Mismatches injected into lightnetcell (8, 16, 16) show, against 3e-16 without one: BatchNorm momentum 0.11 vs 0.1 at 4e-2 (step 1,
-running_mean); Adam b1 0.91 9e-5 and b2 0.99 3e-5 (step 2); eps 1e-7 vs 1e-8 6e-6 (step 1, which
-float32 cannot resolve); weight decay 1e-4 2e-2 (step 1).
+has the table, floors and measurements. Mismatches injected into lightnetcell (8, 16, 16) show,
+against 3e-16 without one: BatchNorm momentum 0.11 vs 0.1 at 4e-2 (step 1, running_mean); Adam b1
+0.91 9e-5 and b2 0.99 3e-5 (step 2); eps 1e-7 vs 1e-8 6e-6 (step 1, which float32 cannot resolve);
+weight decay 1e-4 2e-2 (step 1).
 
 What float32 allows (measured on this project's CPU). The table's "torch32 vs 64" column runs
 torch in float64 beside it: the drift of torch's own float32 run, the scale to judge rel by.
