@@ -28,17 +28,22 @@ float64 (dtype="float64", FLOAT64_TOLERANCE = 1e-9). Both frameworks compute in 
 same float32 start: JAX's x64 mode is on only inside the call (jax.enable_x64), the train step
 runs with precision "fp64", and jaxcell's CPU forms (custom VJPs of convolution, BatchNorm and
 max-pool) compute in float64, their convolutions XLA's (oneDNN's are float32 only). Every element
-of every parameter and statistic is compared, with one seed and no retry. Rounding is 1e-16 there,
-so what float32 cannot resolve is resolved: at 32 px, batch 4, over 5 steps the twins agree
-within 1e-14 for lightnetcell and brin, 4e-11 for hybrid_vit, 5e-10 for resnet18; resnet34
-from step 2, resnet50 and densenet121 from step 1 are beyond 1e-9, and so is their floor (below; the README
-has every model). The table's floor column is then torch in float64 against itself started
-one rounding (2^-52) away: how far the trajectory itself carries a rounding. Deep BatchNorm nets
-at batch 4 amplify it about tenfold a step (BatchNorm over 4 values in 1x1 maps): resnet18's
-floor reaches 6e-10 at step 5, as far as jax is from torch. Mismatches injected into lightnetcell
-(8, 16, 16) show, against 3e-16 without one: BatchNorm momentum 0.11 vs 0.1 at 4e-2 (step 1,
-running_mean); Adam b1 0.91 9e-5 and b2 0.99 3e-5 (step 2); eps 1e-7 vs 1e-8 6e-6 (step 1, which
-float32 cannot resolve); weight decay 1e-4 2e-2 (step 1).
+of every parameter and statistic is compared, with one seed and no retry. The table's floor
+column is torch in float64 against itself started one rounding (2^-52) away: how far the
+trajectory itself carries a rounding. Adam sets that scale: it steps an element by
+lr * g / (|g| + eps) at step 1, so an element whose gradient is analytically zero (a BatchNorm
+removes a constant added to its input: a convolution bias before BatchNorm, a stem BatchNorm's bias
+behind ReLU and max-pool when every reader is a BatchNorm) steps by float64's rounding of that
+zero times lr / eps = 1e5, and one whose gradient is near eps passes the relative error of a
+cancelling sum on to a step of about lr. In deep nets at batch 4, whose last BatchNorms normalise
+4 values a channel (1x1 maps at 32 px), those errors grow about tenfold a step. A larger batch
+removes the growth: at 32 px over 5 steps, lightnetcell, brin, hybrid_vit and resnet18 agree
+within 1e-9 at batch 4 (resnet18 by 2x), resnet18, resnet34 and densenet121 at batch 16 (by 800x,
+600x, 12x), resnet50, whose stem bias has such zero gradients, at batch 64 (by 17x); docs/parity.md
+has the table, floors and measurements. Mismatches injected into lightnetcell (8, 16, 16) show,
+against 3e-16 without one: BatchNorm momentum 0.11 vs 0.1 at 4e-2 (step 1, running_mean); Adam b1
+0.91 9e-5 and b2 0.99 3e-5 (step 2); eps 1e-7 vs 1e-8 6e-6 (step 1, which float32 cannot resolve);
+weight decay 1e-4 2e-2 (step 1).
 
 What float32 allows (measured on this project's CPU). The table's "torch32 vs 64" column runs
 torch in float64 beside it: the drift of torch's own float32 run, the scale to judge rel by.
@@ -112,8 +117,8 @@ class StepDiff:
     counts_equal: bool           # every num_batches_tracked identical
     first_beyond: str | None     # first state-dict entry whose norm rel is beyond the tolerance
     left_out: dict = dataclasses.field(default_factory=dict)  # parameter -> elements left out (indeterminate)
-    floor: float = 0.0           # float32: the param rel of torch float32 against torch float64 (float32's own
-    #                              drift); float64: of torch float64 against itself from a start one rounding away
+    floor: float = 0.0           # the worst rel of torch float32 against torch float64 (float32's own drift), or
+    #                              in float64 of torch against itself from a start one rounding away
 
     @property
     def loss_diff(self) -> float:
@@ -341,12 +346,16 @@ def _one_rounding_away(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def _floor(model: torch.nn.Module, twin: torch.nn.Module, skip: dict) -> float:
-    """max over parameters of ||torch float32 - torch float64|| / ||float64||, same elements as the verdict."""
-    ref = dict(twin.named_parameters())
+    """max of ||model - twin|| / ||twin|| over what StepDiff.worst covers: the parameters (the verdict's
+    elements: skip's mask left out) and the BatchNorm running statistics."""
+    ref = twin.state_dict()
     out = 0.0
-    for k, p in model.named_parameters():
-        keep = ~skip[k]
-        out = max(out, _rel(p.detach()[keep].double().numpy(), ref[k].detach()[keep])[1])
+    for k, v in model.state_dict().items():
+        if k in skip:
+            keep = ~skip[k]
+            out = max(out, _rel(v.detach()[keep].double().numpy(), ref[k].detach()[keep])[1])
+        elif k.endswith(("running_mean", "running_var")):
+            out = max(out, _rel(v.detach().double().numpy(), ref[k])[1])
     return out
 
 
@@ -396,9 +405,11 @@ def format_table(rows: list[StepDiff], tolerance: float, sizes: dict[str, int] |
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     notes = ["rel = ||flax - torch|| / ||torch|| per state-dict entry (the tolerance "
              f"{tolerance:g} applies to it); "
-             + ("torch32 vs 64 = rel param of torch float32 against torch float64 (float32's own drift)"
-                if dtype == "float32" else "torch64 1-rounding start = rel param of torch float64 against itself "
-                "started one rounding (2^-52) away (how far the trajectory carries a rounding)")
+             + ("torch32 vs 64 = the largest rel (parameters and running statistics) of torch float32 against "
+                "torch float64 (float32's own drift)"
+                if dtype == "float32" else "torch64 1-rounding start = the largest rel (parameters and running "
+                "statistics) of torch float64 against itself started one rounding (2^-52) away (how far the "
+                "trajectory carries a rounding)")
              + "; left out = share of all parameter elements outside the float32 verdict; "
              "max-elem rel = max|flax - torch| / max|torch|"]
     if left_out:

@@ -34,8 +34,10 @@ def _tables(runs, tolerance=TRAIN_TOLERANCE):
 
 # ----------------------------------------------------------------------------- float64: every element
 
-def _assert_float64_parity(name, steps, kw):
-    passed, runs = training.check(name, steps=steps, dtype="float64", **SETUP, **kw)
+def _assert_float64_parity(name, steps, kw, batch=4, later_loss_rel=1e-12):
+    """later_loss_rel bounds the loss difference from step 2 on, where the loss is computed from
+    parameters that differ by up to the tolerance; at step 1 (the same parameters) it is 1e-12."""
+    passed, runs = training.check(name, steps=steps, dtype="float64", **{**SETUP, "batch": batch}, **kw)
     table = _tables(runs, FLOAT64_TOLERANCE)
     assert passed and len(runs) == 1 and runs[0].seed == 0, table  # one seed, no retry
     rows = runs[0].rows
@@ -43,7 +45,7 @@ def _assert_float64_parity(name, steps, kw):
     for r in rows:
         assert r.worst <= FLOAT64_TOLERANCE and r.first_beyond is None and r.counts_equal, table
         assert r.left_out == {}, table  # no mask: every element is compared
-        assert r.loss_diff <= 1e-12 * abs(r.loss_torch), table
+        assert r.loss_diff <= (1e-12 if r.step == 1 else later_loss_rel) * abs(r.loss_torch), table
         assert 0 < r.param_rel  # real, non-identical numbers were compared
     assert rows[0].loss_torch != rows[1].loss_torch  # each step its own batch
     return rows
@@ -58,25 +60,31 @@ def test_float64_training_parity_of_every_element_for_five_steps(name, kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, steps", [
-    ("lightnetcell", 5), ("brin", 5), ("hybrid_vit", 5), ("resnet18", 5),
-    # Deeper BatchNorm nets at batch 4 carry a single float64 rounding beyond 1e-9 within 5 steps:
-    # resnet34's torch alone, started 2^-52 away, is 8.8e-10 off at step 2 and 4e-9 at step 3, and
-    # jax tracks it (1.3e-9, 6.5e-9); the table's floor column shows it. One step is resolved.
-    ("resnet34", 1),
-    # resnet50 at 32 px, batch 4 not even for one step: torch alone from 2^-52 away is 1.6e-8 off
-    # after step 1 (jax 2.0e-8, at bn1.bias). Kept, and expected to fail, until a setup is found
-    # where float64 resolves it (a larger batch is the first thing to try).
-    pytest.param("resnet50", 1, marks=pytest.mark.xfail(strict=True, reason="float64's own floor is 1.6e-8")),
-    # densenet121 likewise: 1.03e-9 after step 1 (features.norm0.bias), its floor 5.2e-10; by step 5
-    # both 5.4e-4.
-    pytest.param("densenet121", 1, marks=pytest.mark.xfail(strict=True, reason="float64's floor is 5e-10 at step 1")),
+@pytest.mark.parametrize("name, batch", [
+    ("lightnetcell", 4), ("brin", 4), ("hybrid_vit", 4),
+    # Deeper BatchNorm nets at batch 4 carry a single float64 rounding beyond 1e-9 within 5 steps (the
+    # test below); with BatchNorm over 16 values per channel in their 1x1 maps they do not. resnet18 at
+    # batch 4 passes by 2x (4.7e-10 at step 5, its floor 3.4e-10 and growing 3x a step); at 16: 1.2e-12.
+    ("resnet18", 16), ("resnet34", 16), ("densenet121", 16),
+    # resnet50's stem bias has channels whose gradient is analytically zero (ReLU and max-pool, then only
+    # 1x1 convolutions into BatchNorm), and Adam steps float64's rounding of that zero by lr / eps:
+    # 1.3e-9 at step 1 at batch 16, 1.04e-9 from step 3 at batch 32, 5.7e-11 at batch 64 (docs/parity.md).
+    ("resnet50", 64),
 ])
-def test_float64_training_parity_of_every_model_at_full_width(name, steps):
-    rows = _assert_float64_parity(name, steps, {}) if steps > 1 else None
-    if rows is None:  # one step: _assert_float64_parity's check that the batches differ needs two
-        passed, runs = training.check(name, steps=1, dtype="float64", **SETUP)
-        assert passed and runs[0].rows[0].worst <= FLOAT64_TOLERANCE, _tables(runs, FLOAT64_TOLERANCE)
+def test_float64_training_parity_of_every_model_at_full_width(name, batch):
+    # From step 2 the loss comes from parameters the verdict lets differ by 1e-9, and deep nets pass
+    # that on (resnet18's loss differs by 1.2e-9 at step 5, resnet50's by 1.6e-10): bound it alike.
+    _assert_float64_parity(name, 5, {}, batch, later_loss_rel=FLOAT64_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_at_batch_4_resnet34s_own_float64_trajectory_leaves_1e9():
+    # Why the sweep above trains resnet34 at batch 16: at batch 4 torch alone, started one rounding
+    # (2^-52) away, is beyond 1e-9 by step 3 (4e-9 measured), while jax agrees with torch at step 1.
+    rows = train_parity("resnet34", steps=3, dtype="float64", **SETUP)
+    table = training.format_table(rows, FLOAT64_TOLERANCE, dtype="float64")
+    assert rows[0].within(FLOAT64_TOLERANCE), table
+    assert rows[2].floor > FLOAT64_TOLERANCE, table
 
 
 def _momentum(value):
