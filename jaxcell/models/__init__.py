@@ -13,7 +13,7 @@ from typing import Callable
 
 import flax.linen as nn
 
-from jaxcell import twins
+from jaxcell import threefry, twins
 from jaxcell.errors import UserError
 from jaxcell.models.brin import BRIN
 from jaxcell.models.densenet import DenseNet121
@@ -21,6 +21,8 @@ from jaxcell.models.hybrid import HybridViT
 from jaxcell.models.lightnetcell import LightNetCell
 from jaxcell.models.resnet import ResNet18, ResNet34, ResNet50
 from jaxcell.twins import OD_SCALE  # noqa: F401  (jaxcell.models.OD_SCALE, as before)
+
+threefry.unroll_on_cpu()  # the same random bits, compiled faster (jaxcell/threefry.py)
 
 
 @dataclasses.dataclass(frozen=True)

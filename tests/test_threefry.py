@@ -1,0 +1,54 @@
+"""jaxcell/threefry.py: threefry lowered without loops on CPUs gives the same bits as JAX's looped
+form, and it is the one in use once jaxcell.models is imported."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.interpreters import mlir
+
+from jaxcell import models, threefry
+
+looped = pytest.importorskip("jax._src.random.threefry2x32")
+
+
+def draws(key):
+    """Every kind of draw jaxcell makes: splits, uniform, normal, truncated normal, Bernoulli, a
+    permutation, and a whole model's initialisation."""
+    k = jax.random.split(key, 6)
+    model = models.create("lightnetcell", image_size=32, widths=(8, 16, 16), hidden=16)
+    return {"split": jax.random.key_data(k), "uniform": jax.random.uniform(k[0], (5, 7)),
+            "normal": jax.random.normal(k[1], (3, 3, 4, 8)),
+            "truncated": jax.random.truncated_normal(k[2], -2.0, 2.0, (129,)),
+            "bernoulli": jax.random.bernoulli(k[3], 0.3, (2, 9, 9)),
+            "permutation": jax.random.permutation(k[4], 100),
+            "init": model.init(k[5], jnp.zeros((1, 32, 32, 3)), train=False)}
+
+
+def lowered(rule) -> tuple[dict, str]:
+    mlir.register_lowering(looped.threefry2x32_p, rule, platform="cpu")
+    fn = jax.jit(lambda key: draws(key))  # a new function: nothing cached from the other rule
+    key = jax.random.key(7)
+    return jax.device_get(fn(key)), fn.lower(key).as_text()
+
+
+def test_the_unrolled_lowering_gives_the_same_bits_and_has_no_loop():
+    if not hasattr(looped, "_threefry2x32_cpu_lowering_rule"):
+        pytest.skip("this JAX already lowers threefry without loops on CPUs")
+    try:
+        before, before_text = lowered(looped._threefry2x32_cpu_lowering_rule)
+    finally:
+        assert threefry.unroll_on_cpu()
+        mlir.register_lowering(looped.threefry2x32_p, looped._threefry2x32_lowering_rule, platform="cpu")
+    after, after_text = lowered(looped._threefry2x32_lowering_rule)
+    assert "stablehlo.while" in before_text and "stablehlo.while" not in after_text
+    flat_before, tree = jax.tree.flatten(before)
+    flat_after, tree_after = jax.tree.flatten(after)
+    assert tree == tree_after
+    for a, b in zip(flat_before, flat_after):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_importing_the_models_puts_the_unrolled_lowering_in_use():
+    text = jax.jit(lambda key: jax.random.uniform(key, (4, 4))).lower(jax.random.key(0)).as_text()
+    assert "stablehlo.while" not in text
