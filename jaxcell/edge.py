@@ -7,34 +7,45 @@ decoded and resized as jaxcell decodes them (jaxcell/data/images.py, loaded from
 package jaxcell.data imports jax); the model's preprocessing is inside the graph, which takes
 uint8 NHWC pixels. Neither jax nor torch is imported.
 
-Which file: beside model.onnx, `jaxcell export --quantize int8` writes model.int8.onnx. int8 is
-faster than float only where the CPU multiplies int8 natively (VNNI on x86: avx512_vnni or
-avx_vnni; the dot-product extension on ARM: asimddp); without it onnxruntime widens every int8
-product and the float file is faster (on AVX2 alone, about 0.6-0.7x). So `--precision auto`
-(the default) takes int8 only on such a CPU, and says on stderr which file it runs and why.
+Which file: beside model.onnx, `jaxcell export --quantize int8` writes model.int8.onnx. Whether
+int8 runs faster than float depends on the CPU and on the model: onnxruntime multiplies int8
+natively only with an int8 dot-product extension (VNNI on x86, asimddp on ARM) and widens the
+products otherwise, and the quantize/dequantize pairs around the layers that stay float cost
+the same everywhere. On one 2-core AVX2 CPU without VNNI, int8 ran the CNN + Transformer hybrid at
+about half the float speed and ResNet18 at about the same speed. So `--precision auto` (the
+default) times both files on this machine, at the batch size it will run, and takes int8 only
+when it is at least 5% faster; the verdict is kept in $JAXCELL_CACHE/edge (keyed by both files'
+contents, onnxruntime's version, the CPU and the batch size), and stderr says which file runs
+and why.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
 INT8_FLAGS = {"avx512_vnni", "avx_vnni", "asimddp"}
 
 
-def cpu_int8_dot() -> str | None:
-    """The CPU's int8 dot-product extension named in /proc/cpuinfo (Linux), or None."""
+def cpu_flags() -> str:
+    """The CPU's feature flags line of /proc/cpuinfo (Linux), or "" elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
-            words = set(f.read().split())
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
-        return None
-    found = sorted(INT8_FLAGS & words)
+        return ""
+
+
+def cpu_int8_dot() -> str | None:
+    """The CPU's int8 dot-product extension, or None."""
+    found = sorted(INT8_FLAGS & set(cpu_flags().split()))
     return found[0] if found else None
 
 
@@ -43,7 +54,17 @@ def int8_path(path: str) -> str:
     return f"{stem}.int8{ext or '.onnx'}"
 
 
-def choose_file(path: str, precision: str = "auto") -> tuple[str, str]:
+def session(path: str, threads: int | None = None):
+    """An onnxruntime CPU session of `path` (`threads`: intra-op threads; default all cores)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def choose_file(path: str, precision: str = "auto", batch: int = 32, threads: int | None = None) -> tuple[str, str]:
     """(the file to run, why)."""
     quantized = int8_path(path)
     if precision == "fp32":
@@ -55,10 +76,45 @@ def choose_file(path: str, precision: str = "auto") -> tuple[str, str]:
         return quantized, "int8 asked for"
     if not os.path.isfile(quantized):
         return path, f"no {os.path.basename(quantized)} beside the model"
-    flag = cpu_int8_dot()
-    if flag:
-        return quantized, f"the CPU has {flag}: int8 products run natively"
-    return path, "the CPU has no int8 dot-product instructions (VNNI, asimddp): int8 would run slower than fp32"
+    ms = measured(path, quantized, batch, threads)
+    faster = ms["int8"] <= FASTER * ms["fp32"]
+    extension = cpu_int8_dot()
+    how = f"the CPU has {extension}" if extension else "the CPU has no int8 dot-product instructions"
+    why = (f"timed on this machine at batch {batch}: int8 {ms['int8']:.1f} ms, fp32 {ms['fp32']:.1f} ms "
+           f"per batch ({how})")
+    return (quantized, why) if faster else (path, why)
+
+
+FASTER = 0.95  # int8 is taken only when at least 5% faster: fp32 is the exact export
+
+
+def measured(fp32: str, int8: str, batch: int, threads: int | None = None) -> dict:
+    """The fastest of a few runs of each file on random pixels, in ms per batch; cached."""
+    import onnxruntime as ort
+
+    from jaxcell import cache_dir
+
+    digest = hashlib.sha256()
+    for part in (fp32, int8):
+        with open(part, "rb") as f:
+            digest.update(hashlib.sha256(f.read()).digest())
+    digest.update(f"{ort.__version__}\0{cpu_flags()}\0{batch}\0{threads or os.cpu_count()}".encode())
+    record = cache_dir("edge") / f"{digest.hexdigest()[:24]}.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    sessions = {"fp32": session(fp32, threads), "int8": session(int8, threads)}
+    size = sessions["fp32"].get_inputs()[0].shape[1]
+    images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    best = dict.fromkeys(sessions, float("inf"))
+    for i in range(6):  # alternating, the first round a warm-up; the minimum resists other load
+        for kind, run in sessions.items():
+            start = time.perf_counter()
+            run.run(["probabilities"], {"images": images})
+            if i:
+                best[kind] = min(best[kind], 1e3 * (time.perf_counter() - start))
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(best))
+    return best
 
 
 def _images_module():
@@ -77,9 +133,7 @@ def _images_module():
 class EdgeModel:
     """An exported model and its sidecar: `predict(uint8 NHWC)` -> probabilities."""
 
-    def __init__(self, path: str, precision: str = "auto", threads: int | None = None):
-        import onnxruntime as ort
-
+    def __init__(self, path: str, precision: str = "auto", threads: int | None = None, batch: int = 32):
         sidecar = path + ".json"
         if not os.path.isfile(path):
             raise SystemExit(f"jaxcell.edge: error: model file not found: {path}")
@@ -87,11 +141,8 @@ class EdgeModel:
             raise SystemExit(f"jaxcell.edge: error: {path} has no sidecar {sidecar} (jaxcell export writes it)")
         with open(sidecar) as f:
             self.meta = json.load(f)
-        self.file, self.why = choose_file(path, precision)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(self.file, options, providers=["CPUExecutionProvider"])
+        self.file, self.why = choose_file(path, precision, batch, threads)
+        self.session = session(self.file, threads)
         self.size = int(self.meta["input"]["size"])
         self.class_names = list(self.meta["class_names"])
 
@@ -110,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="onnxruntime's intra-op threads (default: all cores)")
     args = parser.parse_args(argv)
-    model = EdgeModel(args.model, args.precision, args.threads)
+    model = EdgeModel(args.model, args.precision, args.threads, min(max(args.batch_size, 1), len(args.images)))
     print(f"jaxcell.edge: {model.file} ({model.why})", file=sys.stderr)
     errors = _images_module().UserError
     for start in range(0, len(args.images), max(args.batch_size, 1)):

@@ -145,39 +145,35 @@ def test_edge_runner_prints_what_predict_prints_without_jax_or_torch(exported, t
             assert abs(e["probabilities"][name] - o["probabilities"][name]) <= 1e-4
 
 
-def test_edge_runner_chooses_int8_only_with_an_int8_dot_product(exported, monkeypatch):
+def test_edge_runner_takes_the_file_it_timed_faster_here_and_keeps_the_verdict(exported, monkeypatch, tmp_path):
     from jaxcell import edge
 
     _, out, _, _ = exported
-    monkeypatch.setattr(edge, "cpu_int8_dot", lambda: None)
-    assert edge.choose_file(out)[0] == out
-    monkeypatch.setattr(edge, "cpu_int8_dot", lambda: "avx512_vnni")
-    assert edge.choose_file(out) == (edge.int8_path(out), "the CPU has avx512_vnni: int8 products run natively")
-    assert edge.choose_file(out, "fp32")[0] == out
+    monkeypatch.setenv("JAXCELL_CACHE", str(tmp_path))
+    # Timed for real on this machine: both files ran, and the choice follows the times.
+    path, why = edge.choose_file(out, batch=4)
+    ms = edge.measured(out, edge.int8_path(out), 4)  # read back from the cache
+    assert set(ms) == {"fp32", "int8"} and 0 < ms["fp32"] < 1e4 and 0 < ms["int8"] < 1e4
+    assert path == (edge.int8_path(out) if ms["int8"] <= edge.FASTER * ms["fp32"] else out)
+    assert why.startswith(f"timed on this machine at batch 4: int8 {ms['int8']:.1f} ms, fp32 {ms['fp32']:.1f} ms")
+    assert len(list((tmp_path / "edge").iterdir())) == 1
+    # Each verdict is taken from its times, and fp32 stays unless int8 is clearly faster.
+    for times, chosen in [({"fp32": 10.0, "int8": 5.0}, edge.int8_path(out)), ({"fp32": 10.0, "int8": 9.8}, out),
+                          ({"fp32": 5.0, "int8": 10.0}, out)]:
+        monkeypatch.setattr(edge, "measured", lambda *_, times=times: times)
+        assert edge.choose_file(out, batch=4)[0] == chosen
+    assert edge.choose_file(out, "fp32") == (out, "fp32 asked for")
+    assert edge.choose_file(out, "int8") == (edge.int8_path(out), "int8 asked for")
     with pytest.raises(SystemExit, match="does not exist"):
         edge.choose_file(out + ".missing.onnx", "int8")
 
 
-def test_compact_names_never_collide_with_kept_ones():
-    """quant_pre_process folds constants into weights that keep names like "t3" from an earlier
-    compaction; fresh names must avoid them (a duplicate makes the model invalid)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+def test_the_timing_is_cached_per_batch_size(exported, monkeypatch, tmp_path):
+    from jaxcell import edge
 
-    from parity.onnx_export import compact
-
-    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 2])
-    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2])
-    weights = [numpy_helper.from_array(np.full((1, 2), v, np.float32), f"t{v}") for v in (0, 1)]
-    nodes = [helper.make_node("Add", ["images", "t0"], ["/long/name/a"]),
-             helper.make_node("Mul", ["/long/name/a", "t1"], ["/long/name/b"]),
-             helper.make_node("Relu", ["/long/name/b"], ["out"])]
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], weights),
-                              opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    compacted = compact(model)
-    onnx.checker.check_model(compacted)
-    outputs = [o for n in compacted.graph.node for o in n.output]
-    assert len(set(outputs)) == 3 and not {"t0", "t1"} & set(outputs) and "/long/name/a" not in outputs
-    session = ort.InferenceSession(compacted.SerializeToString(), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(session.run(None, {"images": np.ones((1, 2), np.float32)})[0], [[1, 1]])
+    _, out, _, _ = exported
+    monkeypatch.setenv("JAXCELL_CACHE", str(tmp_path))
+    first = edge.measured(out, edge.int8_path(out), 2)
+    assert edge.measured(out, edge.int8_path(out), 2) == first  # read, not timed again
+    edge.measured(out, edge.int8_path(out), 3)
+    assert len(list((tmp_path / "edge").iterdir())) == 2
