@@ -17,7 +17,6 @@ The first layer whose max_rel exceeds the tolerance is where a bug starts.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -197,23 +196,8 @@ def format_table(rows: list[LayerDiff], tolerance: float | None = None) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`jaxcell parity`: print the table; 0 if every layer's max_rel <= tolerance, else 1."""
-    p = argparse.ArgumentParser(prog="jaxcell parity",
-                                description="Compare a jaxcell model with its torch_ref twin, layer by layer.")
-    p.add_argument("--model", required=True, help=f"model name ({', '.join(jaxcell.models.names())})")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--tolerance", type=float, default=1e-5, help="on max rel error per layer")
-    args = p.parse_args(argv)
-    return run(args.model, args.image_size, args.batch, args.seed, args.tolerance, args.num_classes)
-
-
 def run(model: str, image_size: int, batch: int, seed: int, tolerance: float, num_classes: int | None = None) -> int:
-    """`main` without a command line (`jaxcell parity` calls it): print the table; 0 if every
-    layer's max_rel <= tolerance, else 1."""
+    """`jaxcell parity`: print the table; 0 if every layer's max_rel <= tolerance, else 1."""
     kw = {} if num_classes is None else {"num_classes": num_classes}
     rows = compare(model, image_size=image_size, batch=batch, seed=seed, **kw)
     print(f"parity {model}: image {image_size}, batch {batch}, seed {seed}, "

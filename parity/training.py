@@ -76,7 +76,6 @@ torch in float64 beside it: the drift of torch's own float32 run, the scale to j
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import functools
@@ -90,7 +89,6 @@ import torch.nn.functional as F
 
 import jaxcell.models
 from jaxcell import kernels
-from jaxcell.settings import model_arg
 import torch_ref
 from parity.compare import _torch_full_precision, randomize_torch_model
 from parity.convert import flax_to_torch, torch_to_flax
@@ -488,31 +486,10 @@ def _verdict(rows: list[StepDiff], tolerance: float) -> str:
             + ("" if r.counts_equal else ", num_batches_tracked differ"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the per-step table; 0 if every step is within the tolerance, else 1."""
-    p = argparse.ArgumentParser(prog="jaxcell parity --train-steps",
-                                description="N Adam steps of a jaxcell model and its torch_ref twin, compared.")
-    p.add_argument("--model", required=True, help=f"model name ({', '.join(jaxcell.models.names())})")
-    p.add_argument("--train-steps", type=int, default=5)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--dtype", choices=list(TOLERANCES), default="float32",
-                   help="float64: both frameworks in float64, every element, one seed")
-    p.add_argument("--tolerance", type=float, help="default: 2e-5 in float32, 1e-9 in float64")
-    p.add_argument("--seeds", type=int, default=3, help="float32: seeds to try, each further one only after "
-                                                        "a failure shown to be rounding (see the module docstring)")
-    p.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
-    return run(args.model, args.train_steps, args.image_size, args.batch, args.seed, args.lr, args.tolerance,
-               args.seeds, args.dtype, **dict(args.model_arg))
-
-
 def run(model: str, train_steps: int, image_size: int, batch: int, seed: int, lr: float, tolerance: float | None = None,
         seeds: int = 3, dtype: str = "float32", **kwargs) -> int:
-    """`main` without a command line (`jaxcell parity --train-steps` calls it): print the per-step
-    table; 0 if every step is within the tolerance (default: TOLERANCES[dtype]), else 1."""
+    """`jaxcell parity --train-steps`: print the per-step table; 0 if every step is within the
+    tolerance (default: TOLERANCES[dtype]), else 1."""
     tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
     passed, runs = check(model, train_steps, image_size, batch, seed, lr,
                          tolerance, seeds, dtype, **kwargs)

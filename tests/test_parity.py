@@ -13,6 +13,7 @@ import torch.nn as tnn
 import jaxcell.models
 import parity
 import torch_ref
+from jaxcell import cli
 from jaxcell.errors import UserError
 from parity import compare as cmp
 from parity import convert
@@ -174,7 +175,7 @@ def test_error_unknown_model():
 # --- the command and its ability to fail --------------------------------------------------------
 
 def test_main_passes_on_the_real_conversion(capsys):
-    assert cmp.main(["--model", "lightnetcell", "--image-size", "32", "--batch", "3"]) == 0
+    assert cli.main(["parity", "--model", "lightnetcell", "--image-size", "32", "--batch", "3"]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "logits" in out and "first beyond" not in out
 
@@ -188,7 +189,7 @@ def test_main_fails_on_a_perturbed_weight(monkeypatch, capsys):
         return v
 
     monkeypatch.setattr(cmp, "torch_to_flax", perturbed)
-    assert cmp.main(["--model", "lightnetcell", "--image-size", "32"]) == 1
+    assert cli.main(["parity", "--model", "lightnetcell", "--image-size", "32"]) == 1
     marked = [line for line in capsys.readouterr().out.splitlines() if "first beyond tolerance" in line]
     assert len(marked) == 1 and marked[0].startswith("block2.bn ")
 
