@@ -97,6 +97,7 @@ class BenchConfig:
     warmup: int = 2
     devices: Sequence[int] = (1,)           # JAX device counts; counts above those present are left out
     model_kwargs: dict = dataclasses.field(default_factory=dict)
+    od_center: bool = False                 # the preprocessing of a run trained with --od-center, in every runner
     seed: int = 0
     lr: float = 1e-3
     interleave: bool | None = None          # None: on CPU yes, on a GPU no
@@ -348,7 +349,7 @@ def _row(cfg: BenchConfig, r: _Runner, flops: float) -> dict:
            "flops_factor": TRAIN_FLOPS_FACTOR if r.mode.startswith("train") else 1,
            "achieved_tflops": None, "peak_tflops": peak_tflops(r.device_name, r.precision), "mfu": None,
            "device_name": r.device_name, "compile_s": r.compile_s, "error": r.error,
-           "model_kwargs": cfg.model_kwargs}
+           "model_kwargs": cfg.model_kwargs, "od_center": cfg.od_center}
     if r.error is None and r.times:
         median = statistics.median(r.times)
         ips = r.batch_size / median
@@ -451,7 +452,7 @@ def run_pipeline(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
             try:
                 first = inputs(0)  # compiled ahead of the first step, on batch 0
                 if program not in steps:
-                    step, _ = train.compile_steps(placement, models.spec(cfg.model).preprocessing, augment,
+                    step, _ = train.compile_steps(placement, _preprocessing(cfg), augment,
                                                   precision, gather=program[2])
                     steps[program] = step.lower(state, *first, key).compile()
                 step = steps[program]
@@ -525,7 +526,7 @@ class _Setup:
             cfg, precision = self.cfg, self.precision
             placement = train.Placement.over(jax.devices()[:devices])
             model = models.create(cfg.model, **self.kw)
-            pre = models.spec(cfg.model).preprocessing
+            pre = _preprocessing(cfg)
             baseline = framework == "jax-baseline"
             options = None if baseline else train.compiler_options(placement)
             choice = _kernels(framework, placement)
@@ -572,7 +573,7 @@ class _Setup:
             import torch
             import torch.nn.functional as F
 
-            from jaxcell import models
+            from torch_ref.preprocessing import standardize
 
             cfg = self.cfg
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -580,9 +581,7 @@ class _Setup:
             layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
             model = copy.deepcopy(self.torch_model).to(device, memory_format=layout)
             net = torch.compile(model) if framework == "torch-compile" else model
-            pre = models.spec(cfg.model).preprocessing
-            mean = torch.tensor(pre["mean"], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
-            std = torch.tensor(pre["std"], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+            pre = _preprocessing(cfg)
             images = (torch.from_numpy(self.images[:cfg.batch_size]).to(device).permute(0, 3, 1, 2)
                       .contiguous(memory_format=layout))
             labels = torch.from_numpy(self.labels[:cfg.batch_size]).long().to(device)
@@ -590,7 +589,7 @@ class _Setup:
             sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
             def prepare():
-                return (images.float() / 255.0 - mean) / std
+                return standardize(images.float() / 255.0, pre)
 
             if mode == "train":
                 model.train()
@@ -631,14 +630,13 @@ class _Setup:
 
             import onnxruntime as ort
 
-            from jaxcell import models
             from parity.onnx_export import quantize_int8, write_onnx
 
             if mode != "infer" or self.precision != "fp32":
                 raise ValueError(f"{framework} measures fp32 inference only")
             folder = tempfile.TemporaryDirectory()
             path = os.path.join(folder.name, "model.onnx")
-            pre = {**models.spec(self.cfg.model).preprocessing, "image_size": self.cfg.image_size}
+            pre = _preprocessing(self.cfg)
             write_onnx(copy.deepcopy(self.torch_model), pre, path)
             if framework == "onnx-int8":
                 quantize_int8(path, path + ".int8", self.images)
@@ -671,6 +669,14 @@ def _to_numpy(tree):
     import jax
 
     return jax.tree.map(np.asarray, tree)
+
+
+def _preprocessing(cfg: BenchConfig) -> dict:
+    """The input preprocessing every runner applies inside its timed step: the model's own, with
+    optical-density centring when the config asks for it."""
+    from jaxcell import models
+
+    return models.preprocessing(cfg.model, cfg.image_size, cfg.od_center)
 
 
 def _jax_infer(model, preprocessing: dict, precision: str):
@@ -784,7 +790,8 @@ def config_from_args(args) -> BenchConfig:
         model=args.model, image_size=pick("image_size"), batch_size=pick("batch_size"),
         frameworks=tuple(pick("frameworks")), modes=tuple(args.modes), precisions=tuple(args.precision),
         steps=pick("steps"), warmup=pick("warmup"), devices=tuple(args.devices),
-        model_kwargs=dict(args.model_arg), seed=args.seed, deadline=args.deadline,
+        model_kwargs=dict(args.model_arg), od_center=getattr(args, "od_center", False), seed=args.seed,
+        deadline=args.deadline,
         require_gpu=getattr(args, "require_gpu", False), partial_json=args.json)
 
 

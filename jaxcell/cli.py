@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: the train step fed by the on-device and the host input pipelines against a "
                         "batch already on the device (JAX only; --precision and --devices apply)")
     b.add_argument("--model-arg", action="append", type=model_arg, default=[], metavar="KEY=VALUE")
+    b.add_argument("--od-center", action="store_true",
+                   help="every runner's preprocessing includes optical-density centring (as in a run trained with it)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--deadline", type=float, help="Unix time after which no further runner starts")
     b.add_argument("--require-gpu", action="store_true",

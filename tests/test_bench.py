@@ -109,6 +109,34 @@ def test_a_failing_runner_is_recorded_and_the_others_go_on(monkeypatch):
     assert "error: RuntimeError" in bench.markdown({"results": list(rows.values())})
 
 
+def test_od_center_reaches_every_runner(monkeypatch):
+    """--od-center: the preprocessing of a run trained with it, in each runner's timed step."""
+    import parity.onnx_export
+    import torch_ref.preprocessing
+    from jaxcell import train
+
+    seen = {}
+
+    def spy(name, module, attribute, position):
+        real = getattr(module, attribute)
+
+        def wrapped(*args, **kwargs):
+            seen[name] = args[position]
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, attribute, wrapped)
+
+    spy("jax", train, "prepare", 1)
+    spy("torch", torch_ref.preprocessing, "standardize", 1)
+    spy("onnx", parity.onnx_export, "write_onnx", 1)
+    cfg = bench.BenchConfig(model="lightnetcell", image_size=16, batch_size=2, frameworks=("jax", "torch", "onnx"),
+                            modes=("infer",), steps=1, warmup=1, model_kwargs=TINY, od_center=True)
+    rows = bench.run(cfg, log=lambda m: None)["results"]
+    assert all(r["error"] is None and r["od_center"] and r["images_per_s"] > 0 for r in rows)
+    assert sorted(seen) == ["jax", "onnx", "torch"]
+    assert all(pre["od_center"] and pre["mean"] == [0.0] * 3 for pre in seen.values())
+    assert not bench._preprocessing(bench.BenchConfig(model="lightnetcell", image_size=16)).get("od_center")
+
+
 def test_a_spent_time_budget_skips_runners():
     cfg = bench.BenchConfig(model="lightnetcell", image_size=16, batch_size=2, frameworks=("jax",), modes=("infer",),
                             steps=1, model_kwargs=TINY, deadline=0.0)
