@@ -22,10 +22,8 @@ def main() -> None:
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
 
-    import onnxruntime as ort
-
     from jaxcell import data
-    from jaxcell.edge import int8_path
+    from jaxcell.edge import int8_path, session
     from jaxcell.evaluate import stain_shift
     from jaxcell.train import predict_logits, read_config, restore_for_inference
 
@@ -35,7 +33,7 @@ def main() -> None:
     ds = data.load(t["data"], size, seed=data.split_seed(t), synthetic_examples=t["synthetic_examples"])
     state, _, eval_step, placement = restore_for_inference(args.workdir, "best")
     files = {"fp32": args.onnx, "int8": int8_path(args.onnx)}
-    sessions = {k: ort.InferenceSession(f, providers=["CPUExecutionProvider"]) for k, f in files.items()}
+    sessions = {k: session(f) for k, f in files.items()}
     rows = []
     for split in ("val", "test"):
         images, labels = ds.splits[split]

@@ -628,8 +628,7 @@ class _Setup:
         def build():
             import tempfile
 
-            import onnxruntime as ort
-
+            from jaxcell import edge
             from parity.onnx_export import quantize_int8, write_onnx
 
             if mode != "infer" or self.precision != "fp32":
@@ -641,7 +640,7 @@ class _Setup:
             if framework == "onnx-int8":
                 quantize_int8(path, path + ".int8", self.images)
                 path += ".int8"
-            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            session = edge.session(path)  # as the edge runner makes it
             images = np.ascontiguousarray(self.images[:self.cfg.batch_size])
 
             def one():

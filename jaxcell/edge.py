@@ -54,13 +54,20 @@ def int8_path(path: str) -> str:
     return f"{stem}.int8{ext or '.onnx'}"
 
 
+def cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def session(path: str, threads: int | None = None):
-    """An onnxruntime CPU session of `path` (`threads`: intra-op threads; default all cores)."""
+    """An onnxruntime CPU session of `path` with `threads` intra-op threads (default: every CPU this
+    process may use). onnxruntime's own default counts physical cores as it detects them; on a
+    2-CPU virtual machine it ran the hybrid's batch of 32 in 96 ms, as slowly as one thread (105
+    ms), against 62 ms with both CPUs named."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or cpus()
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -98,7 +105,7 @@ def measured(fp32: str, int8: str, batch: int, threads: int | None = None) -> di
     for part in (fp32, int8):
         with open(part, "rb") as f:
             digest.update(hashlib.sha256(f.read()).digest())
-    digest.update(f"{ort.__version__}\0{cpu_flags()}\0{batch}\0{threads or os.cpu_count()}".encode())
+    digest.update(f"{ort.__version__}\0{cpu_flags()}\0{batch}\0{threads or cpus()}".encode())
     record = cache_dir("edge") / f"{digest.hexdigest()[:24]}.json"
     if record.is_file():
         return json.loads(record.read_text())
@@ -159,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     parser.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, help="onnxruntime's intra-op threads (default: all cores)")
+    parser.add_argument("--threads", type=int, help="onnxruntime's intra-op threads (default: every CPU this process may use)")
     args = parser.parse_args(argv)
     model = EdgeModel(args.model, args.precision, args.threads, min(max(args.batch_size, 1), len(args.images)))
     print(f"jaxcell.edge: {model.file} ({model.why})", file=sys.stderr)
