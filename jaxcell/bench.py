@@ -640,7 +640,8 @@ class _Setup:
             if framework == "onnx-int8":
                 quantize_int8(path, path + ".int8", self.images)
                 path += ".int8"
-            session = edge.session(path)  # as the edge runner makes it
+            # as the edge runner makes it, but with sleeping threads, as torch's here (see command())
+            session = edge.session(path, spin=False)
             images = np.ascontiguousarray(self.images[:self.cfg.batch_size])
 
             def one():

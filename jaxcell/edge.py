@@ -12,7 +12,7 @@ int8 runs faster than float depends on the CPU and on the model: onnxruntime mul
 natively only with an int8 dot-product extension (VNNI on x86, asimddp on ARM) and widens the
 products otherwise, and the quantize/dequantize pairs around the layers that stay float cost
 the same everywhere. On one 2-core AVX2 CPU without VNNI, int8 ran the CNN + Transformer hybrid at
-about half the float speed and ResNet18 at about the same speed. So `--precision auto` (the
+0.65-0.7x the float speed and ResNet18 at 1.4x. So `--precision auto` (the
 default) times both files on this machine, at the batch size it will run, and takes int8 only
 when it is at least 5% faster; the verdict is kept in $JAXCELL_CACHE/edge (keyed by both files'
 contents, onnxruntime's version, the CPU and the batch size), and stderr says which file runs
@@ -59,15 +59,18 @@ def cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def session(path: str, threads: int | None = None):
+def session(path: str, threads: int | None = None, spin: bool = True):
     """An onnxruntime CPU session of `path` with `threads` intra-op threads (default: every CPU this
     process may use). onnxruntime's own default counts physical cores as it detects them; on a
     2-CPU virtual machine it ran the hybrid's batch of 32 in 96 ms, as slowly as one thread (105
-    ms), against 62 ms with both CPUs named."""
+    ms), against 62 ms with both CPUs named. `spin=False`: its threads sleep between runs instead
+    of spinning (the benchmark's setting, where other runners take turns on the same cores)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or cpus()
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -109,7 +112,8 @@ def measured(fp32: str, int8: str, batch: int, threads: int | None = None) -> di
     record = cache_dir("edge") / f"{digest.hexdigest()[:24]}.json"
     if record.is_file():
         return json.loads(record.read_text())
-    sessions = {"fp32": session(fp32, threads), "int8": session(int8, threads)}
+    # Sleeping threads: a session's spinning pool would take the cores from the other one's turn.
+    sessions = {"fp32": session(fp32, threads, spin=False), "int8": session(int8, threads, spin=False)}
     size = sessions["fp32"].get_inputs()[0].shape[1]
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     best = dict.fromkeys(sessions, float("inf"))
