@@ -110,8 +110,10 @@ def measured(fp32: str, int8: str, batch: int, threads: int | None = None) -> di
             digest.update(hashlib.sha256(f.read()).digest())
     digest.update(f"{ort.__version__}\0{cpu_flags()}\0{batch}\0{threads or cpus()}".encode())
     record = cache_dir("edge") / f"{digest.hexdigest()[:24]}.json"
-    if record.is_file():
+    try:
         return json.loads(record.read_text())
+    except (OSError, ValueError):  # not timed here yet (or a record cut short): time it
+        pass
     # Sleeping threads: a session's spinning pool would take the cores from the other one's turn.
     sessions = {"fp32": session(fp32, threads, spin=False), "int8": session(int8, threads, spin=False)}
     size = sessions["fp32"].get_inputs()[0].shape[1]
