@@ -1,28 +1,29 @@
 """jaxcell/threefry.py: threefry lowered without loops on CPUs gives the same bits as JAX's looped
 form, and it is the one in use once jaxcell.models is imported."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax._src.interpreters import mlir
 
-from jaxcell import models, threefry
+from jaxcell import models, threefry  # noqa: F401  (importing jaxcell.models applies the lowering)
 
 looped = pytest.importorskip("jax._src.random.threefry2x32")
 
 
 def draws(key):
-    """Every kind of draw jaxcell makes: splits, uniform, normal, truncated normal, Bernoulli, a
-    permutation, and a whole model's initialisation."""
-    k = jax.random.split(key, 6)
-    model = models.create("lightnetcell", image_size=32, widths=(8, 16, 16), hidden=16)
+    """Every kind of draw jaxcell makes, each through the one threefry2x32 primitive: splits and
+    fold-ins (how flax derives each parameter's key), uniform, normal, truncated normal (the
+    initializers), Bernoulli (dropout) and a permutation (shuffling)."""
+    k = jax.random.split(jax.random.fold_in(key, 3), 6)
     return {"split": jax.random.key_data(k), "uniform": jax.random.uniform(k[0], (5, 7)),
             "normal": jax.random.normal(k[1], (3, 3, 4, 8)),
             "truncated": jax.random.truncated_normal(k[2], -2.0, 2.0, (129,)),
             "bernoulli": jax.random.bernoulli(k[3], 0.3, (2, 9, 9)),
             "permutation": jax.random.permutation(k[4], 100),
-            "init": model.init(k[5], jnp.zeros((1, 32, 32, 3)), train=False)}
+            "dense_init": nn.Dense(5).init(k[5], jnp.zeros((1, 7)))}
 
 
 def lowered(rule) -> tuple[dict, str]:
