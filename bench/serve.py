@@ -85,6 +85,9 @@ def offline(workdir: str, paths: list[str], batch_size: int, cam: bool) -> dict:
             "cpu_seconds": round(cpu, 2), "batch_size": batch_size, "grad_cam": cam}
 
 
+STARTUP_SECONDS = 300.0  # compiling the server's programs cold takes about 35 s on two cores
+
+
 def served(workdir: str, paths: list[str], clients: int, requests: int, batch_size: int, max_seconds: float) -> dict:
     import httpx
 
@@ -97,13 +100,19 @@ def served(workdir: str, paths: list[str], clients: int, requests: int, batch_si
                               stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     startup = []
+    # A server that never says it listens is stopped after STARTUP_SECONDS, which ends the loop below.
+    watchdog = threading.Timer(STARTUP_SECONDS, server.kill)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         for line in server.stdout:  # up when it says it listens
             startup.append(line.rstrip())
             if "listening on" in line:
                 break
         else:
-            raise SystemExit("jaxcell serve ended before listening:\n" + "\n".join(startup))
+            raise SystemExit(f"jaxcell serve ended (or was stopped after {STARTUP_SECONDS:.0f} s) before "
+                             "listening:\n" + "\n".join(startup))
+        watchdog.cancel()  # it listens: the clients' own deadline bounds the rest
         for _ in range(100):
             try:
                 httpx.get(url + "/health", timeout=2).raise_for_status()
@@ -145,6 +154,7 @@ def served(workdir: str, paths: list[str], clients: int, requests: int, batch_si
         server_cpu, client_cpu = cpu_seconds(server.pid) - server_cpu, time.process_time() - client_cpu
         health = httpx.get(url + "/health", timeout=5).json()
     finally:
+        watchdog.cancel()
         server.terminate()
         server.wait(timeout=30)
     ms = np.array(latencies) * 1000
