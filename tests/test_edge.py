@@ -177,3 +177,28 @@ def test_the_timing_is_cached_per_batch_size(exported, monkeypatch, tmp_path):
     assert edge.measured(out, edge.int8_path(out), 2) == first  # read, not timed again
     edge.measured(out, edge.int8_path(out), 3)
     assert len(list((tmp_path / "edge").iterdir())) == 2
+
+
+def test_compact_names_never_collide_with_kept_ones():
+    """quant_pre_process folds constants into weights that keep names like "t3" from an earlier
+    compaction; fresh names must avoid them (a duplicate makes the model invalid)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from parity.onnx_export import compact
+
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2])
+    weights = [numpy_helper.from_array(np.full((1, 2), v, np.float32), f"t{v}") for v in (0, 1)]
+    nodes = [helper.make_node("Add", ["images", "t0"], ["/long/name/a"]),
+             helper.make_node("Mul", ["/long/name/a", "t1"], ["/long/name/b"]),
+             helper.make_node("Relu", ["/long/name/b"], ["out"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], weights),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    compacted = compact(model)
+    onnx.checker.check_model(compacted)
+    outputs = [o for n in compacted.graph.node for o in n.output]
+    assert len(set(outputs)) == 3 and not {"t0", "t1"} & set(outputs) and "/long/name/a" not in outputs
+    session = ort.InferenceSession(compacted.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"images": np.ones((1, 2), np.float32)})[0], [[1, 1]])
