@@ -59,6 +59,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from jaxcell import _malloc
+from jaxcell.host import cpus
 
 FRAMEWORKS = ("jax", "torch", "torch-compile", "jax-baseline", "jax-eigen", "onnx", "onnx-int8")
 MODES = ("train", "infer")
@@ -165,11 +166,7 @@ def cpu_name() -> str:
                     break
     except OSError:
         pass
-    return f"{name} ({_cpu_threads()} threads)"
-
-
-def _cpu_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return f"{name} ({cpus()} threads)"
 
 
 def _short(kind: str) -> str:
@@ -209,7 +206,7 @@ def _torch_settings(on_gpu: bool):
              torch.backends.cudnn.allow_tf32)
     try:
         if not on_gpu:
-            torch.set_num_threads(_cpu_threads())  # XLA uses every core it is given; so does torch
+            torch.set_num_threads(cpus())  # XLA uses every core it is given; so does torch
         else:
             torch.backends.cudnn.benchmark = True   # XLA autotunes its kernels too
             torch.backends.cuda.matmul.allow_tf32 = True

@@ -16,19 +16,15 @@ import sys
 from pathlib import Path
 
 from jaxcell import cache_dir
+from jaxcell.host import cpu_flags
 
 MIN_COMPILE_SECONDS = 0.2  # programs that compile faster are not worth a file
 
 
 def _machine_kind() -> str:
-    """The CPU architecture and its feature flags, hashed: what compiled CPU code depends on."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:  # not Linux: the architecture alone
-        pass
-    return hashlib.sha256(f"{platform.machine()}\0{flags}".encode()).hexdigest()[:12]
+    """The CPU architecture and its feature flags (none known off Linux: the architecture alone),
+    hashed: what compiled CPU code depends on."""
+    return hashlib.sha256(f"{platform.machine()}\0{cpu_flags()}".encode()).hexdigest()[:12]
 
 
 def enable(directory: str | os.PathLike | None = None,

@@ -31,32 +31,20 @@ import time
 
 import numpy as np
 
+from jaxcell.host import cpu_flag_set, cpu_flags, cpus
+
 INT8_FLAGS = {"avx512_vnni", "avx_vnni", "asimddp"}
-
-
-def cpu_flags() -> str:
-    """The CPU's feature flags line of /proc/cpuinfo (Linux), or "" elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
 
 
 def cpu_int8_dot() -> str | None:
     """The CPU's int8 dot-product extension, or None."""
-    found = sorted(INT8_FLAGS & set(cpu_flags().split()))
+    found = sorted(INT8_FLAGS & cpu_flag_set())
     return found[0] if found else None
 
 
 def int8_path(path: str) -> str:
     stem, ext = os.path.splitext(path)
     return f"{stem}.int8{ext or '.onnx'}"
-
-
-def cpus() -> int:
-    """The CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def session(path: str, threads: int | None = None, spin: bool = True):

@@ -10,7 +10,7 @@ import jax
 import pytest
 import torch
 
-from jaxcell import bench, kernels
+from jaxcell import bench, host, kernels
 from jaxcell.cli import main
 from jaxcell.errors import UserError
 
@@ -144,7 +144,7 @@ def test_a_spent_time_budget_skips_runners():
     torch.set_num_threads(1)  # not what the harness sets (every core), so that its restoring shows
     try:
         report = bench.run(cfg, log=lambda m: None)
-        assert torch.get_num_threads() == 1 and report["environment"]["torch_threads"] == bench._cpu_threads()
+        assert torch.get_num_threads() == 1 and report["environment"]["torch_threads"] == host.cpus()
     finally:
         torch.set_num_threads(threads)
     (row,) = report["results"]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxcell import cpu_forms, kernels, models, onednn, onednn_battery, train
+from jaxcell import cpu_forms, host, kernels, models, onednn, onednn_battery, train
 from jaxcell.kernels import Kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,14 +136,6 @@ ISA_CAPS = {"SSE41": {"sse4_1"}, "AVX2": {"avx", "avx2", "fma"},
             "AVX512_CORE": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
 @pytest.mark.usefixtures("onednn_built")
 @pytest.mark.parametrize("cap", ISA_CAPS)
 def test_the_battery_agrees_with_xla_at_each_isa(cap):
@@ -152,7 +144,7 @@ def test_the_battery_agrees_with_xla_at_each_isa(cap):
     one. oneDNN reads the cap once per process, so one child process per ISA runs the whole
     battery. Without jaxcell.onednn._weight_gradient's fix, AVX2 fails here: oneDNN 3.2's strided
     1x1 weight gradient, 0.72 relative."""
-    missing = ISA_CAPS[cap] - _cpu_flags()
+    missing = ISA_CAPS[cap] - host.cpu_flag_set()
     if missing:
         pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}, so oneDNN cannot use {cap} here")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cap,
