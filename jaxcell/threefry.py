@@ -17,14 +17,10 @@ where the draws are.
 
 from __future__ import annotations
 
-_done = False
-
 
 def unroll_on_cpu() -> bool:
-    """Lowers threefry2x32 on CPUs with the unrolled rule; True when it did (now or before)."""
-    global _done
-    if _done:
-        return True
+    """Lowers threefry2x32 on CPUs with the unrolled rule (again, if called again: harmless);
+    True when this JAX has the looped rule it replaces."""
     try:
         from jax._src.interpreters import mlir
         from jax._src.random import threefry2x32 as threefry
@@ -34,5 +30,4 @@ def unroll_on_cpu() -> bool:
     except (ImportError, AttributeError):
         return False
     mlir.register_lowering(primitive, unrolled, platform="cpu")
-    _done = True
     return True

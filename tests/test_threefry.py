@@ -26,8 +26,10 @@ def draws(key):
             "dense_init": nn.Dense(5).init(k[5], jnp.zeros((1, 7)))}
 
 
-def lowered(rule) -> tuple[dict, str]:
-    mlir.register_lowering(looped.threefry2x32_p, rule, platform="cpu")
+def lowered(rule=None) -> tuple[dict, str]:
+    """The draws, and their program's text, under `rule` (default: the lowering in place)."""
+    if rule is not None:
+        mlir.register_lowering(looped.threefry2x32_p, rule, platform="cpu")
     fn = jax.jit(lambda key: draws(key))  # a new function: nothing cached from the other rule
     key = jax.random.key(7)
     return jax.device_get(fn(key)), fn.lower(key).as_text()
@@ -39,9 +41,8 @@ def test_the_unrolled_lowering_gives_the_same_bits_and_has_no_loop():
     try:
         before, before_text = lowered(looped._threefry2x32_cpu_lowering_rule)
     finally:
-        assert threefry.unroll_on_cpu()
-        mlir.register_lowering(looped.threefry2x32_p, looped._threefry2x32_lowering_rule, platform="cpu")
-    after, after_text = lowered(looped._threefry2x32_lowering_rule)
+        assert threefry.unroll_on_cpu()  # what jaxcell.models did on import, back in place
+    after, after_text = lowered()  # the lowering jaxcell.threefry put in place
     assert "stablehlo.while" in before_text and "stablehlo.while" not in after_text
     flat_before, tree = jax.tree.flatten(before)
     flat_after, tree_after = jax.tree.flatten(after)
