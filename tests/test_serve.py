@@ -305,6 +305,26 @@ def test_a_cancelled_request_does_not_stop_the_batcher(engine):
     assert later.result(timeout=60)[0]["class"] in engine.predictor.class_names
 
 
+def test_a_batch_waits_from_its_first_image_arrival(engine, monkeypatch):
+    """--max-wait-ms counts from when the first image of a batch arrived: a lone fresh image waits it out
+    for company, one that queued while another batch ran (here: a second ago) goes at once."""
+    from concurrent.futures import Future
+
+    from jaxcell.serve.engine import _Item
+
+    monkeypatch.setattr(engine, "max_wait", 1.0)
+    image = np.zeros((engine.predictor.image_size, engine.predictor.image_size, 3), np.uint8)
+    start = time.perf_counter()
+    (fresh,) = engine.submit(image[None])
+    fresh.result(timeout=60)
+    assert time.perf_counter() - start >= 1.0
+    waited = Future()
+    start = time.perf_counter()
+    engine._queue.put(_Item(image, waited, queued_at=start - 1.0))
+    waited.result(timeout=60)
+    assert time.perf_counter() - start < 1.0
+
+
 def test_a_detector_that_cannot_score_the_model_fails_at_start_up(engine):
     """An ood.npz of another format (or model) is refused before the server listens, not on each request."""
     import dataclasses

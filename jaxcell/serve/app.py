@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import secrets
 import zlib
 from importlib import resources
@@ -35,6 +36,25 @@ PAGE_FILES = {"/": ("page.html", "text/html; charset=utf-8"), "/page.css": ("pag
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class RequireToken:
+    """Plain ASGI middleware: every HTTP request but OPEN_PATHS carries the bearer token. Installed only
+    when there is a token, and written against ASGI directly: starlette's BaseHTTPMiddleware (what
+    @app.middleware builds) wraps each request in a task group and a streamed response, a large share of
+    the event loop's time in a profile under load (docs/benchmarks.md, "Serving under load")."""
+
+    def __init__(self, app, expected: bytes):
+        self.app, self.expected = app, expected
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = _error(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'",
+                                  {"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def png_data_url(image: np.ndarray) -> str:
@@ -68,16 +88,8 @@ def create_app(engine, card: dict, *, token: str | None = None, max_upload_bytes
     app = FastAPI(title="jaxcell", version=card["version"], docs_url=None, redoc_url=None, openapi_url=None)
     pages = {path: (resources.files("jaxcell.serve").joinpath("static", name).read_bytes(), media)
              for path, (name, media) in PAGE_FILES.items()}
-    expected = None if token is None else f"Bearer {token}".encode()
-
-    @app.middleware("http")
-    async def require_token(request: Request, call_next):
-        if expected is not None and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "").encode()
-            if not secrets.compare_digest(given, expected):
-                return _error(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'",
-                              {"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+    if token is not None:
+        app.add_middleware(RequireToken, expected=f"Bearer {token}".encode())
 
     @app.exception_handler(BadRequest)
     async def refused(request: Request, error: BadRequest):
@@ -117,11 +129,14 @@ def create_app(engine, card: dict, *, token: str | None = None, max_upload_bytes
         futures = engine.submit(np.stack([d[1] for d in decoded]))
         results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
 
-        def render():  # the overlay on the image the model saw, at its size: the page scales it up
-            return [{"file": name, **answer, "cam": png_data_url(overlay(image, cam_map))}
-                    for (name, image), (answer, cam_map) in zip(decoded, results)]
+        def render() -> bytes:  # the overlay on the image the model saw, at its size: the page scales it up
+            answers = [{"file": name, **answer, "cam": png_data_url(overlay(image, cam_map))}
+                       for (name, image), (answer, cam_map) in zip(decoded, results)]
+            # Serialized here, off the event loop: the answers are plain JSON types already, so FastAPI's
+            # encoder has nothing to convert, only a walk over every overlay's string to repeat.
+            return json.dumps({"results": answers}, separators=(",", ":"), allow_nan=False).encode()
 
-        return {"results": await run_in_threadpool(render)}
+        return Response(await run_in_threadpool(render), media_type="application/json")
 
     return app
 

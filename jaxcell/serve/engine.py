@@ -3,8 +3,8 @@
 The program (jaxcell.inference.Predictor.program with Grad-CAM) is compiled ahead of time, at
 start-up, for batches of 1, 2, 4, ... up to `batch_size` images, and each is run once on zeros
 before the server accepts requests. Requests put their images on a queue; one worker thread takes
-what is there, waits up to `max_wait_ms` for more until a batch is full, pads it to the smallest
-compiled size that holds it and runs it. Concurrent requests thus share device batches, a lone
+what is there and, until a batch is full, waits for more up to `max_wait_ms` after the first of them
+arrived; it pads the batch to the smallest compiled size that holds it and runs it. Concurrent requests thus share device batches, a lone
 request does not pay for a full batch of padding, and no request ever triggers a compilation.
 
 JAX's persistent compilation cache (jaxcell.compilation_cache) keeps the compiled program
@@ -55,6 +55,7 @@ class _CacheEvents:
 class _Item:
     image: np.ndarray
     future: concurrent.futures.Future
+    queued_at: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 class Engine:
@@ -116,7 +117,9 @@ class Engine:
             if first is None:
                 return
             items = [first]
-            deadline = time.perf_counter() + self.max_wait
+            # The wait counts from when the first image arrived, not from when this thread got to it: images
+            # that queued while the previous batch ran have waited already, and go at once with what is there.
+            deadline = first.queued_at + self.max_wait
             while len(items) < self.batch_size:
                 remaining = deadline - time.perf_counter()
                 try:
