@@ -332,9 +332,12 @@ def _resolve_kwargs(name: str, model_kwargs: dict, given: dict, side: str) -> di
     if "num_classes" in model_kwargs:
         return kw
     a, b = kw["num_classes"], kw["num_classes"] + 3
-    plans = [_plan(name, {**kw, "num_classes": n}) for n in (a, b)]
-    shapes = [{k: s for k, (s, _) in p.torch_shapes.items()} if side == "torch"
-              else {k: tuple(v.shape) for k, v in p.flax_shapes.items()} for p in plans]
+    if side == "torch":  # the torch twin's shapes alone, built on "meta": no flax model traced for the probe
+        shapes = [{k: tuple(v.shape) for k, v in _torch_template(name, {**kw, "num_classes": n}).state_dict().items()}
+                  for n in (a, b)]
+    else:
+        shapes = [{k: tuple(v.shape) for k, v in _plan(name, {**kw, "num_classes": n}).flax_shapes.items()}
+                  for n in (a, b)]
     for key, sa in shapes[0].items():
         sb, sg = shapes[1].get(key), given.get(key)
         if sg is None or sb is None or len(sa) != len(sb) or len(sg) != len(sa):

@@ -33,9 +33,10 @@ def test_features_are_the_input_of_the_head_for_every_model(name):
     size, kw = CASES[name]
     model = models.create(name, image_size=size, **kw)
     x = jax.random.normal(jax.random.key(0), (3, size, size, 3))
-    variables = model.init(jax.random.key(1), x, train=False)
+    variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(1), x)  # one program, not one per op
     features, logits = jax.jit(lambda v, x: ood.features_and_logits(model, v, x))(variables, x)
-    np.testing.assert_allclose(logits, model.apply(variables, x, train=False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits, jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x),
+                               rtol=1e-5, atol=1e-5)
     kernel, bias = ood.dense_of_head(variables["params"], name)
     assert features.shape == (3, kernel.shape[0])
     # The head's dense layer applied to the features gives the logits: they are its input, nothing else.
@@ -45,11 +46,11 @@ def test_features_are_the_input_of_the_head_for_every_model(name):
 def test_detector_inputs_blocks_name_their_widths():
     size, kw = CASES["hybrid_vit"]
     model = models.create("hybrid_vit", image_size=size, **kw)
-    variables = model.init(jax.random.key(1), jnp.zeros((1, size, size, 3)), train=False)
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, 3)), train=False))(jax.random.key(1))
     pre = models.preprocessing("hybrid_vit", size, od_center=True)
     images = jax.random.uniform(jax.random.key(2), (2, size, size, 3))
-    names = []
-    features, logits = ood.detector_inputs(model, variables, images, pre, names=names)
+    names = []  # filled while tracing
+    features, logits = jax.jit(lambda v, x: ood.detector_inputs(model, v, x, pre, names=names))(variables, images)
     assert names[0] == ("penultimate", 16) and names[1] == (ood.COLOUR_BLOCK, 6)
     assert features.shape == (2, sum(w for _, w in names)) and logits.shape == (2, 4)
     assert [n for n, _ in names[2:5]] == ["stage1", "stage2", "stage3"]
