@@ -63,6 +63,20 @@ def multipart(name: str, data: bytes) -> bytes:
     return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
+def health(port: int, timeout: float) -> dict:
+    """GET /health of the server on loopback: its JSON; an error for anything but 200."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", "/health")
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise ValueError(f"/health answered {response.status}: {body[:200]!r}")
+        return json.loads(body)
+    finally:
+        connection.close()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -100,8 +114,6 @@ STARTUP_SECONDS = 300.0  # compiling the server's programs cold takes about 35 s
 
 
 def served(workdir: str, paths: list[str], clients: int, requests: int, batch_size: int, max_seconds: float) -> dict:
-    import httpx
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -109,7 +121,6 @@ def served(workdir: str, paths: list[str], clients: int, requests: int, batch_si
     server = subprocess.Popen([sys.executable, "-m", "jaxcell.cli", "serve", "--workdir", workdir, "--port", str(port),
                                "--batch-size", str(batch_size)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
     startup = []
     # A server that never says it listens is stopped after STARTUP_SECONDS, which ends the loop below.
     watchdog = threading.Timer(STARTUP_SECONDS, server.kill)
@@ -126,9 +137,9 @@ def served(workdir: str, paths: list[str], clients: int, requests: int, batch_si
         watchdog.cancel()  # it listens: the clients' own deadline bounds the rest
         for _ in range(100):
             try:
-                httpx.get(url + "/health", timeout=2).raise_for_status()
+                health(port, timeout=2)
                 break
-            except httpx.HTTPError:
+            except (OSError, http.client.HTTPException, ValueError):  # not answering yet
                 time.sleep(0.1)
         bodies = [multipart(os.path.basename(p), open(p, "rb").read()) for p in paths]
         latencies: list[float] = []
@@ -171,7 +182,7 @@ def served(workdir: str, paths: list[str], clients: int, requests: int, batch_si
             t.join()
         seconds = time.perf_counter() - start
         server_cpu, client_cpu = cpu_seconds(server.pid) - server_cpu, time.process_time() - client_cpu
-        health = httpx.get(url + "/health", timeout=5).json()
+        counts = health(port, timeout=5)
     finally:
         watchdog.cancel()
         server.terminate()
@@ -184,7 +195,7 @@ def served(workdir: str, paths: list[str], clients: int, requests: int, batch_si
                            "max": round(float(ms.max()), 1)} if len(ms) else None,
             # Where the machine's time went: the clients share its cores with the server.
             "cpu_seconds": {"server": round(server_cpu, 2), "clients": round(client_cpu, 2)},
-            "device_batches": health["batches"], "mean_batch": round(health["images"] / max(health["batches"], 1), 2),
+            "device_batches": counts["batches"], "mean_batch": round(counts["images"] / max(counts["batches"], 1), 2),
             "batch_size": batch_size, "startup": startup}
 
 

@@ -4,8 +4,9 @@ The program (jaxcell.inference.Predictor.program with Grad-CAM) is compiled ahea
 start-up, for batches of 1, 2, 4, ... up to `batch_size` images, and each is run once on zeros
 before the server accepts requests. Requests put their images on a queue; one worker thread takes
 what is there and, until a batch is full, waits for more up to `max_wait_ms` after the first of them
-arrived; it pads the batch to the smallest compiled size that holds it and runs it. Concurrent requests thus share device batches, a lone
-request does not pay for a full batch of padding, and no request ever triggers a compilation.
+arrived; it pads the batch to the smallest compiled size that holds it and runs it. Concurrent
+requests thus share device batches, a lone request does not pay for a full batch of padding, and no
+request ever triggers a compilation.
 
 JAX's persistent compilation cache (jaxcell.compilation_cache) keeps the compiled program
 on disk, so a restart reads it back instead of compiling again.
