@@ -113,13 +113,15 @@ def offline(workdir: str, paths: list[str], batch_size: int, cam: bool) -> dict:
 STARTUP_SECONDS = 300.0  # compiling the server's programs cold takes about 35 s on two cores
 
 
-def served(workdir: str, paths: list[str], clients: int, requests: int, batch_size: int, max_seconds: float) -> dict:
+def served(workdir: str, paths: list[str], clients: int, requests: int, batch_size: int, concurrent_batches: int,
+           max_seconds: float) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     server = subprocess.Popen([sys.executable, "-m", "jaxcell.cli", "serve", "--workdir", workdir, "--port", str(port),
-                               "--batch-size", str(batch_size)], env=env, stdout=subprocess.PIPE,
+                               "--batch-size", str(batch_size), "--concurrent-batches", str(concurrent_batches)],
+                              env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     startup = []
     # A server that never says it listens is stopped after STARTUP_SECONDS, which ends the loop below.
@@ -196,7 +198,7 @@ def served(workdir: str, paths: list[str], clients: int, requests: int, batch_si
             # Where the machine's time went: the clients share its cores with the server.
             "cpu_seconds": {"server": round(server_cpu, 2), "clients": round(client_cpu, 2)},
             "device_batches": counts["batches"], "mean_batch": round(counts["images"] / max(counts["batches"], 1), 2),
-            "batch_size": batch_size, "startup": startup}
+            "batch_size": batch_size, "concurrent_batches": concurrent_batches, "startup": startup}
 
 
 def main(argv=None) -> int:
@@ -207,6 +209,7 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=50, help="per client")
     parser.add_argument("--batch-size", type=int, default=16, help="the server's compiled batch")
+    parser.add_argument("--concurrent-batches", type=int, default=2, help="the server's batches at once")
     parser.add_argument("--offline-batch-size", type=int, default=64, help="jaxcell predict's default")
     parser.add_argument("--max-seconds", type=float, default=600)
     parser.add_argument("--json")
@@ -223,7 +226,7 @@ def main(argv=None) -> int:
         result["offline"] = offline(args.workdir, paths, args.offline_batch_size, cam=False)
         result["offline_grad_cam"] = offline(args.workdir, paths, args.offline_batch_size, cam=True)
         result["served"] = served(args.workdir, distinct, args.clients, args.requests, args.batch_size,
-                                  args.max_seconds)
+                                  args.concurrent_batches, args.max_seconds)
     s = result["served"]["images_per_second"]
     result["ratio_to_offline"] = round(s / result["offline"]["images_per_second"], 3)
     result["ratio_to_offline_grad_cam"] = round(s / result["offline_grad_cam"]["images_per_second"], 3)

@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the largest compiled batch (1, 2, 4, ... up to it are compiled): concurrent requests share it")
     v.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
                    help="how long a batch waits for more requests, from its first request's arrival, before it runs")
+    v.add_argument("--concurrent-batches", type=positive, default=2,
+                   help="batches that may run at once: while one computes, the next forms and starts (1: one "
+                        "after another)")
     v.add_argument("--cam-layer", help="the Grad-CAM layer (flax or torch module path); default per model")
     v.add_argument("--no-compile-cache", action="store_true",
                    help="do not keep the compiled program in JAX's persistent cache (~/.cache/jaxcell/xla)")

@@ -325,6 +325,29 @@ def test_a_batch_waits_from_its_first_image_arrival(engine, monkeypatch):
     assert time.perf_counter() - start < 1.0
 
 
+def test_two_batches_run_at_once(engine, monkeypatch):
+    """With the default two batchers, a batch starts while another still computes: here the first
+    batch's program holds until a second batch has entered it. One batcher, as --concurrent-batches 1
+    gives, would wait out the hold alone."""
+    import threading
+
+    both_in = threading.Barrier(2, timeout=30)
+    run = engine._run
+
+    def held(batch):
+        both_in.wait()  # breaks (and fails the futures) unless a second batch arrives while this one waits
+        return run(batch)
+
+    monkeypatch.setattr(engine, "_run", held)
+    image = np.zeros((engine.predictor.image_size, engine.predictor.image_size, 3), np.uint8)
+    (first,) = engine.submit(image[None])
+    time.sleep(0.2)  # well past --max-wait-ms: the first batch is in the program with its one image
+    (second,) = engine.submit(image[None])
+    for future in (first, second):
+        assert future.result(timeout=60)[0]["class"] in engine.predictor.class_names
+    assert len(engine._workers) == 2
+
+
 def test_a_detector_that_cannot_score_the_model_fails_at_start_up(engine):
     """An ood.npz of another format (or model) is refused before the server listens, not on each request."""
     import dataclasses

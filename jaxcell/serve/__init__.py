@@ -69,12 +69,12 @@ def command(args) -> int:
         compilation_cache.enable(min_compile_seconds=0.0)
     source = args.workdir or args.weights
     predictor = Predictor.load(source, args.checkpoint, fit_temperature=True, log=lambda m: print(f"serve: {m}"))
-    engine = Engine(predictor, args.batch_size, args.max_wait_ms, args.cam_layer)
+    engine = Engine(predictor, args.batch_size, args.max_wait_ms, args.cam_layer, args.concurrent_batches)
     s = engine.startup
     print(f"serve: {predictor.record['model']} from {source} (step {predictor.step}); compiled for batches of "
           f"{', '.join(map(str, s['batch_sizes_compiled']))} in {s['compile_seconds']:.2f}s"
           + (" (from the persistent compilation cache)" if s["from_persistent_cache"] else "")
-          + f", warmed up in {s['warmup_seconds']:.2f}s; "
+          + f", warmed up in {s['warmup_seconds']:.2f}s; up to {s['concurrent_batches']} batches at once; "
           + ("no OOD detector" if predictor.detector is None else f"OOD detector: {predictor.detector.method}"),
           flush=True)
     app = create_app(engine, model_card(predictor, s), token=token,

@@ -2,11 +2,12 @@
 
 The program (jaxcell.inference.Predictor.program with Grad-CAM) is compiled ahead of time, at
 start-up, for batches of 1, 2, 4, ... up to `batch_size` images, and each is run once on zeros
-before the server accepts requests. Requests put their images on a queue; one worker thread takes
+before the server accepts requests. Requests put their images on a queue; a batcher thread takes
 what is there and, until a batch is full, waits for more up to `max_wait_ms` after the first of them
 arrived; it pads the batch to the smallest compiled size that holds it and runs it. Concurrent
 requests thus share device batches, a lone request does not pay for a full batch of padding, and no
-request ever triggers a compilation.
+request ever triggers a compilation. `concurrent_batches` batcher threads (default 2) take batches
+from the one queue, so that the next batch forms and starts while one computes.
 
 JAX's persistent compilation cache (jaxcell.compilation_cache) keeps the compiled program
 on disk, so a restart reads it back instead of compiling again.
@@ -60,9 +61,10 @@ class _Item:
 
 
 class Engine:
-    """Compiles `predictor`'s program for up to `batch_size` images and serves `submit` calls from a worker thread."""
+    """Compiles `predictor`'s program for up to `batch_size` images and serves `submit` calls from batcher threads."""
 
-    def __init__(self, predictor, batch_size: int = 16, max_wait_ms: float = 5.0, cam_layer: str | None = None):
+    def __init__(self, predictor, batch_size: int = 16, max_wait_ms: float = 5.0, cam_layer: str | None = None,
+                 concurrent_batches: int = 2):
         import jax
         import jax.numpy as jnp
 
@@ -86,14 +88,20 @@ class Engine:
         except Exception as error:  # noqa: BLE001  (an ood.npz of another format or model: KeyError, ValueError)
             raise UserError(f"{predictor.source}: its OOD detector cannot score this model's features ({error!r}); "
                             f"refit it with: jaxcell ood --workdir {predictor.source}") from error
-        self.startup = {"compile_seconds": round(compile_seconds, 3),
+        self.startup = {"compile_seconds": round(compile_seconds, 3), "concurrent_batches": concurrent_batches,
                         "from_persistent_cache": events.hits == len(self.sizes) and events.misses == 0,
                         "warmup_seconds": round(time.perf_counter() - start, 3), "batch_size": batch_size,
                         "batch_sizes_compiled": self.sizes, "max_wait_ms": max_wait_ms}
         self.batches = self.images = 0
         self._queue: queue.Queue[_Item | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._loop, name="jaxcell-serve-batcher", daemon=True)
-        self._worker.start()
+        self._count = threading.Lock()
+        # One batcher thread per batch that may run at once. With two, the next batch forms and starts
+        # while one computes: a lone batcher left a 2-core CPU a quarter idle between batches, with
+        # requests waiting (`bench/serve.py`, docs/benchmarks.md). Each thread takes a batch whole.
+        self._workers = [threading.Thread(target=self._loop, name=f"jaxcell-serve-batcher-{i}", daemon=True)
+                         for i in range(concurrent_batches)]
+        for worker in self._workers:
+            worker.start()
 
     def _run(self, batch: np.ndarray) -> dict:
         out = self.compiled[len(batch)](self.variables, batch)
@@ -110,12 +118,14 @@ class Engine:
 
     def close(self) -> None:
         self._queue.put(None)
-        self._worker.join(timeout=10)
+        for worker in self._workers:
+            worker.join(timeout=10)
 
     def _loop(self) -> None:
         while True:
             first = self._queue.get()
             if first is None:
+                self._queue.put(None)  # for the other batchers
                 return
             items = [first]
             # The wait counts from when the first image arrived, not from when this thread got to it: images
@@ -152,7 +162,8 @@ class Engine:
             for item in items:
                 item.future.set_exception(error)
             return
-        self.batches += 1
-        self.images += len(items)
+        with self._count:
+            self.batches += 1
+            self.images += len(items)
         for i, item in enumerate(items):
             item.future.set_result((answers[i], out["maps"][i]))
