@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tomllib
 
+from test_multihost import ARGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # torch and its submodules cannot be imported; the run fails if anything on its path tries
@@ -26,9 +28,9 @@ sys.exit(code)
 
 def test_training_runs_without_torch(tmp_path):
     workdir = str(tmp_path / "run")
-    argv = ["train", "--model", "lightnetcell", "--model-arg", "widths=(8,16,16)", "--model-arg", "hidden=16",
-            "--image-size", "16", "--epochs", "1", "--batch-size", "8", "--synthetic-examples", "48",
-            "--no-progress", "--workdir", workdir]
+    # test_multihost's one-device reference run: whichever of the two runs second reads the other's
+    # compiled programs from the compilation cache
+    argv = [*ARGS, "--input-pipeline", "host", "--workdir", workdir]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *argv], env=env, capture_output=True, text=True,
