@@ -331,17 +331,18 @@ def test_two_batches_run_at_once(engine, monkeypatch):
     gives, would wait out the hold alone."""
     import threading
 
-    both_in = threading.Barrier(2, timeout=30)
+    entered, both_in = threading.Event(), threading.Barrier(2, timeout=30)
     run = engine._run
 
     def held(batch):
+        entered.set()
         both_in.wait()  # breaks (and fails the futures) unless a second batch arrives while this one waits
         return run(batch)
 
     monkeypatch.setattr(engine, "_run", held)
     image = np.zeros((engine.predictor.image_size, engine.predictor.image_size, 3), np.uint8)
     (first,) = engine.submit(image[None])
-    time.sleep(0.2)  # well past --max-wait-ms: the first batch is in the program with its one image
+    assert entered.wait(timeout=30)  # the first batch is in the program, with its one image
     (second,) = engine.submit(image[None])
     for future in (first, second):
         assert future.result(timeout=60)[0]["class"] in engine.predictor.class_names
