@@ -121,8 +121,7 @@ def served(workdir: str, paths: list[str], clients: int, requests: int, batch_si
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     server = subprocess.Popen([sys.executable, "-m", "jaxcell.cli", "serve", "--workdir", workdir, "--port", str(port),
                                "--batch-size", str(batch_size), "--concurrent-batches", str(concurrent_batches)],
-                              env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     startup = []
     # A server that never says it listens is stopped after STARTUP_SECONDS, which ends the loop below.
     watchdog = threading.Timer(STARTUP_SECONDS, server.kill)
