@@ -430,7 +430,7 @@ def run_pipeline(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
             placement = train.Placement.over(jax.devices()[:devices])
             batch = cfg.batch_size * devices
             images, labels = split(batch)
-            if devices not in inits:
+            if devices not in inits:  # compiled once per device count, for every runner that starts afresh
                 inits[devices] = jax.jit(lambda r: train.init_state(model, optax.adam(cfg.lr), cfg.image_size, r),
                                          out_shardings=placement.replicated)
             state = inits[devices](train.init_key(cfg.seed))

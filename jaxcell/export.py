@@ -119,7 +119,7 @@ def import_torch(path: str, workdir: str, model: str | None = None, model_kwargs
     config = TrainConfig(model=name, model_kwargs=extra, image_size=image_size, data=None)
     prepare_workdir(workdir, config, resume=False, overwrite=overwrite)
     flax_model = models.create(name, **kw)
-    template = jax.jit(lambda r: init_state(flax_model, make_optimizer(config), image_size, r))(jax.random.key(0))
+    template = init_state(flax_model, make_optimizer(config), image_size, jax.random.key(0))
     state = template.replace(params=_like(variables["params"], template.params),
                              batch_stats=_like(variables.get("batch_stats", {}), template.batch_stats))
     record = {

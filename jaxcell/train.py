@@ -102,10 +102,15 @@ def load_pretrained(config: TrainConfig, state: "TrainState", num_classes: int, 
     return state.replace(params=merged["params"], batch_stats=merged["batch_stats"])
 
 
-def init_state(model, tx, image_size: int, rng: jax.Array) -> TrainState:
-    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                             batch_stats=variables.get("batch_stats", {}))
+def init_state(model, tx, image_size: int, rng: jax.Array, sharding=None) -> TrainState:
+    """The initial TrainState, built by one compiled program (placed with `sharding` when given): op by
+    op, every layer's initializers would compile programs of their own."""
+    def build(rng):
+        variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+        return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                                 batch_stats=variables.get("batch_stats", {}))
+
+    return (jax.jit(build) if sharding is None else jax.jit(build, out_shardings=sharding))(rng)
 
 
 def init_key(seed: int) -> jax.Array:
@@ -575,8 +580,7 @@ def train(config: TrainConfig, dataset: Dataset, workdir: str, *, devices=None, 
         if is_main_process():
             log(f"resumed from step {int(local(state.step))}")
     else:
-        state = jax.jit(lambda r: init_state(model, tx, config.image_size, r),
-                        out_shardings=placement.replicated)(init_key(config.seed))
+        state = init_state(model, tx, config.image_size, init_key(config.seed), placement.replicated)
         if config.init_from:
             state = load_pretrained(config, state, len(dataset.class_names), log)
             state = jax.device_put(state, placement.replicated)

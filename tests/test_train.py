@@ -244,7 +244,7 @@ def matmul_dtypes(precision: str):
 
     model = trainer.models.create("lightnetcell", num_classes=4, image_size=16, **TINY)
     tx = trainer.make_optimizer(config())
-    state = jax.jit(lambda r: trainer.init_state(model, tx, 16, r))(trainer.init_key(0))
+    state = trainer.init_state(model, tx, 16, trainer.init_key(0))
     batch = {"image": np.zeros((4, 16, 16, 3), np.uint8), "label": np.zeros(4, np.int32)}
     step = kernels.jit(trainer.make_train_step(trainer.models.spec("lightnetcell").preprocessing, None, precision),
                        kernels.for_devices())  # the trainer's kernels
