@@ -21,6 +21,7 @@ and the ISA). A battery case that disagrees sends every convolution of its `cate
 with one warning that names it. `convolutions()` is the record of it in a run's files.
 """
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -33,6 +34,11 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, and the build refuses anyway (Linux only)
+    fcntl = None
 
 import jax
 import jax.numpy as jnp
@@ -83,15 +89,35 @@ def build() -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)  # an OSError here: available() warns and says why
-    # Written under a temporary name and renamed: processes building at once do not see half a file.
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        done = subprocess.run([*command, "-o", str(out)], capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            raise BuildError(f"{Path(cxx).name} failed (exit status {done.returncode}) building {SOURCE.name}: "
-                             + (done.stderr.strip()[-2000:] or "no message"))
-        os.replace(out, target)
+    # One build at a time per cache: the processes of a job that start together on a new machine wait
+    # for the first one's build instead of compiling the same C++ side by side.
+    with _exclusive(target.parent / "build.lock"):
+        if target.exists():
+            return target
+        # Written under a temporary name and renamed: a process never loads half a file.
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            done = subprocess.run([*command, "-o", str(out)], capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                raise BuildError(f"{Path(cxx).name} failed (exit status {done.returncode}) building {SOURCE.name}: "
+                                 + (done.stderr.strip()[-2000:] or "no message"))
+            os.replace(out, target)
     return target
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """Holds an exclusive lock on the file `lock` while the block runs (other processes wait for
+    it); runs the block without one where the file cannot be opened (an unwritable cache)."""
+    try:
+        f = open(lock, "a")
+    except OSError:
+        yield
+        return
+    with f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 _LIBRARY: list[ctypes.CDLL] = []  # the loaded handler, once available()
@@ -162,17 +188,20 @@ def verdict() -> dict:
     code = hashlib.sha256("\0".join([info["build"], Path(__file__).read_text(),
                                      Path(__file__).with_name("onednn_battery.py").read_text()]).encode())
     path = cache_dir("onednn") / f"verdict-{code.hexdigest()[:16]}-{info['version']}-{info['isa']}.json"
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        found = _run_battery(info)
-        try:
+    found = _read_verdict(path)
+    if found is None:
+        with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-                json.dump(found, f, indent=1)
-            os.replace(f.name, path)
-        except OSError:  # an unwritable cache: checked again by the next process
-            pass
+        with _exclusive(path.parent / "verdict.lock"):  # one battery at a time, as one build
+            found = _read_verdict(path)
+            if found is None:
+                found = _run_battery(info)
+                try:
+                    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+                        json.dump(found, f, indent=1)
+                    os.replace(f.name, path)
+                except OSError:  # an unwritable cache: checked again by the next process
+                    pass
     if found.get("error"):
         warnings.warn(f"jaxcell: the check of oneDNN {info['version']} ({info['isa']}) against XLA's convolutions "
                       f"failed, so XLA's are used for all: {found['error']}", stacklevel=2)
@@ -183,6 +212,13 @@ def verdict() -> dict:
                           f"convolution ({parts} relative); convolutions of its kind ({', '.join(case['category'])}) "
                           "use XLA's", stacklevel=2)
     return found
+
+
+def _read_verdict(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _run_battery(info: dict) -> dict:

@@ -12,6 +12,8 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import warnings
 
 import jax
@@ -212,6 +214,30 @@ def test_a_kind_that_disagrees_goes_to_xla_with_a_warning(monkeypatch, tmp_path)
     monkeypatch.setattr(onednn, "_run_battery", lambda info: pytest.fail("checked again: the verdict was not cached"))
     with pytest.warns(UserWarning, match="disagrees with XLA"):
         assert onednn.verdict() == found
+
+
+@pytest.mark.usefixtures("onednn_built", "fresh_verdict")
+def test_callers_that_need_the_verdict_at_once_run_the_battery_once(monkeypatch, tmp_path):
+    """The processes of a job starting together on a new machine (or the suite's workers): the
+    first runs the battery under the cache's lock, the others wait and read its verdict."""
+    monkeypatch.setenv("JAXCELL_CACHE", str(tmp_path))
+    runs, started = [], threading.Event()
+
+    def slow_battery(info):
+        runs.append(threading.current_thread().name)
+        started.set()
+        time.sleep(0.5)  # the other caller asks meanwhile
+        return {**info, "bound": 1e-4, "cases": []}
+    monkeypatch.setattr(onednn, "_run_battery", slow_battery)
+    found = {}
+    callers = [threading.Thread(target=lambda n=n: found.__setitem__(n, onednn.verdict.__wrapped__()), name=str(n))
+               for n in range(2)]
+    callers[0].start()
+    assert started.wait(30)
+    callers[1].start()
+    for c in callers:
+        c.join(30)
+    assert runs == ["0"] and found[0] == found[1] and found[0]["cases"] == []
 
 
 def test_the_record_says_xla_where_onednn_does_not_run():
