@@ -2,8 +2,19 @@
 happen before jax is imported anywhere."""
 
 import os
+import threading
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+# The suite compiles thousands of programs and runs each a few steps; XLA:CPU spends about half of
+# a compilation in LLVM's optimization passes. At level 0 the suite's compile time falls by about a
+# third and its CPU time by about a seventh (README, "Tests", has the figures). The checks do not
+# change: float32 results move in their last bits, inside every tolerance, and bit-identity tests
+# compare programs compiled alike. Jobs that tests start as users run them (the multi-process and
+# SLURM jobs, the torch-free install run) set their own XLA_FLAGS and compile at XLA's default level.
+# JAXCELL_TEST_XLA_OPT=default runs the whole suite at the users' level.
+if os.environ.get("JAXCELL_TEST_XLA_OPT", "0") != "default":
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAXCELL_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "jaxcell-test-cache"))
 
 from jaxcell import compilation_cache  # noqa: E402
@@ -18,13 +29,18 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     """Under pytest-xdist (make test runs two workers) the controller builds oneDNN's handler and
-    runs its check against XLA once, before the workers start; each worker then reads both from
-    the cache instead of compiling the same C++ and running the same battery side by side."""
+    runs its check against XLA once, in a thread, while the workers start and collect; a worker
+    that needs either before it is done waits for it (the build and the check take a lock in the
+    cache) and then reads it from the cache."""
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
-        from jaxcell import onednn
+        threading.Thread(target=_prepare_onednn, name="onednn build and check").start()
 
-        if onednn.available():
-            onednn.verdict()
+
+def _prepare_onednn() -> None:
+    from jaxcell import onednn
+
+    if onednn.available():
+        onednn.verdict()
 
 DEV_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "all4class-dev")
 
