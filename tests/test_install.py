@@ -29,7 +29,7 @@ sys.exit(code)
 def test_training_runs_without_torch(tmp_path):
     workdir = str(tmp_path / "run")
     # test_multihost's one-device reference run: whichever of the two runs second reads the other's
-    # compiled programs from the compilation cache
+    # compiled training programs from the compilation cache
     argv = [*ARGS, "--input-pipeline", "host", "--workdir", workdir]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
