@@ -86,8 +86,8 @@ def test_part_parity(twins, part):
     nested = isinstance(inputs[0], list)
     f_in = [[jnp.asarray(a) for a in inputs[0]]] if nested else [jnp.asarray(a) for a in inputs]
     t_in = [[_nchw(a) for a in inputs[0]]] if nested else [_nchw(a) for a in inputs]
-    with jax.default_matmul_precision("highest"):
-        got = fmodule.apply(_sub(variables, part), *f_in, **kw)
+    with jax.default_matmul_precision("highest"):  # one program, as in the model (not op by op)
+        got = jax.jit(lambda v, *x: fmodule.apply(v, *x, **kw))(_sub(variables, part), *f_in)
     with torch.no_grad():
         ref = getattr(tmodel, part)(*t_in)
     err = _rel(got, ref)
