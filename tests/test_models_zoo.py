@@ -243,8 +243,8 @@ def test_parity_224(name):
 
 def _flax_logits(name, variables, x_nchw, **kw):
     model = jaxcell.models.create(name, **kw)
-    with jax.default_matmul_precision("highest"):
-        return np.asarray(model.apply(variables, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)), train=False))
+    with jax.default_matmul_precision("highest"):  # one program, as inference runs it (not op by op)
+        return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x_nchw.transpose(0, 2, 3, 1)))
 
 
 def test_hybrid_vit_one_checkpoint_many_sizes():
