@@ -6,12 +6,13 @@ import threading
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
-# The suite compiles thousands of programs and runs each a few steps; XLA:CPU spends about half of
-# a compilation in LLVM's optimization passes. At level 0 the suite's compile time falls by about a
-# third and its CPU time by about a seventh (README, "Tests", has the figures). The checks do not
-# change: float32 results move in their last bits, inside every tolerance, and bit-identity tests
-# compare programs compiled alike. Jobs that tests start as users run them (the multi-process and
-# SLURM jobs, the torch-free install run) set their own XLA_FLAGS and compile at XLA's default level.
+# The suite compiles thousands of programs and runs each a few steps, and much of an XLA:CPU
+# compilation is LLVM optimizing the generated code. At LLVM's level 0 the suite's compile time
+# falls by about a third and its CPU time by 11-15% (README, "Tests", has the figures). The checks
+# do not change: float32 results move in their last bits, inside every tolerance, and bit-identity
+# tests compare programs compiled alike. Child processes inherit the level, except the training
+# jobs that set their own XLA_FLAGS (the multi-process and SLURM jobs, the torch-free install run,
+# the fine-tuning run): they compile at XLA's default level, as users' jobs do.
 # JAXCELL_TEST_XLA_OPT=default runs the whole suite at the users' level.
 if os.environ.get("JAXCELL_TEST_XLA_OPT", "0") != "default":
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
@@ -41,6 +42,7 @@ def _prepare_onednn() -> None:
 
     if onednn.available():
         onednn.verdict()
+
 
 DEV_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "all4class-dev")
 
