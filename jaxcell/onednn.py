@@ -10,7 +10,8 @@ predict's and serve's on one CPU device) route plain float32 convolutions to it.
 The handler is compiled on first use, with the machine's C++ compiler, against the installed
 jaxlib's FFI headers and the oneDNN of the `onednn-cpu-gomp` and `onednn-devel-cpu-gomp` wheels
 (a dependency on Linux x86-64), and cached under $JAXCELL_CACHE/onednn or ~/.cache/jaxcell/onednn,
-keyed by everything that goes into it. Where something is missing (another OS, no compiler),
+keyed by everything that goes into it; processes that need it at once take turns on a lock there,
+so that one builds and the others load its file. Where something is missing (another OS, no compiler),
 `available()` is False, one warning says why, and XLA's own convolutions are used: the same
 results to float32 rounding. JAXCELL_ONEDNN=0 turns it off.
 
