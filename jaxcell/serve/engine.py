@@ -94,7 +94,7 @@ class Engine:
                         "batch_sizes_compiled": self.sizes, "max_wait_ms": max_wait_ms}
         self.batches = self.images = 0
         self._queue: queue.Queue[_Item | None] = queue.Queue()
-        self._count = threading.Lock()
+        self._counts_lock = threading.Lock()  # batches and images, counted by every batcher
         # One batcher thread per batch that may run at once. With two, the next batch forms and starts
         # while one computes: a lone batcher left a 2-core CPU a quarter idle between batches, with
         # requests waiting (`bench/serve.py`, docs/benchmarks.md). Each thread takes a batch whole.
@@ -162,7 +162,7 @@ class Engine:
             for item in items:
                 item.future.set_exception(error)
             return
-        with self._count:
+        with self._counts_lock:
             self.batches += 1
             self.images += len(items)
         for i, item in enumerate(items):
