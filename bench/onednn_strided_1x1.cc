@@ -1,15 +1,19 @@
-// oneDNN 3.2's weight gradient of a 1x1 stride-2 convolution with NHWC maps and fewer input
-// channels than the SIMD block (4 < 8 on AVX2), against a plain loop; no jaxcell involved.
-// Build against the onednn-cpu-gomp / onednn-devel-cpu-gomp wheels (V: the virtual environment):
+// oneDNN 3.2's weight gradient of a 1x1 strided convolution with NHWC maps and fewer input
+// channels than the SIMD block (Ci < 8 on AVX2, Ci < 16 on AVX-512), against a plain loop; no
+// jaxcell involved. Build against the onednn-cpu-gomp / onednn-devel-cpu-gomp wheels (V: the
+// virtual environment):
 //   g++ -O2 -std=c++17 bench/onednn_strided_1x1.cc -I $V/include -L $V/lib -ldnnl -Wl,-rpath,$V/lib -o repro
 //   ./repro [N Ci Co H stride]   (defaults 2 4 8 8 2); exit status 1 when wrong
-// On an AVX2-only CPU (or ONEDNN_MAX_CPU_ISA=AVX2), oneDNN picks jit_1x1:avx2, whose unit-stride
-// copy of the input overruns its per-thread scratch slice: with 2 threads the gradient is wrong
-// (0.3-0.8 relative) in some runs (the worst of 20 is shown; the scratch memory and gradient
-// buffer are filled with 1000 first, as memory reused by a caller would be); with
-// OMP_NUM_THREADS=1 it writes past the scratch memory (valgrind: "Invalid write" in
-// jit_avx2_1x1_convolution_bwd_weights_t::execute_backward_weights; here a crash).
-// ONEDNN_MAX_CPU_ISA=SSE41 (gemm) or stride 1 or Ci >= 8: right.
+// It prints the gradient's error (the worst of 20 runs: the threads race; the scratch memory and
+// gradient buffer are filled with 1000 first, as memory reused by a caller would be) and how far
+// past the end of its scratch memory oneDNN wrote (a guard region after it is checked).
+// jit_1x1:avx2 (an AVX2-only CPU, or ONEDNN_MAX_CPU_ISA=AVX2) copies the input to unit stride in
+// per-thread slices of the scratch memory that are too small: with 2 threads the gradient is wrong
+// (0.14-1.05 relative), with OMP_NUM_THREADS=1 it writes 64 bytes to 1.5 KB past the scratch memory.
+// jit_1x1:avx512_core returned right gradients in all 252 cases tried (N 1/2/4, Ci 1-24, 8-16 px,
+// stride 2/3, 1 or 2 threads), but with 2 threads and batch 1 it wrote 44 bytes to 1.8 KB past the
+// scratch memory for every Ci from 1 to 15 tried (none for Ci >= 16).
+// ONEDNN_MAX_CPU_ISA=SSE41 (gemm), stride 1, or Ci >= 8 on AVX2: right.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -50,7 +54,12 @@ int main(int argc, char** argv) {
           for (int c = 0; c < C; c++)
             ref[o * C + c] += x[((n * H + i * S) * H + j * S) * C + c] * dy[((n * Ho + i) * Ho + j) * O + o];
   memory x_mem(src_md, eng, x.data()), dy_mem(dst_md, eng, dy.data()), dw_mem(oihw, eng, dw.data());
-  memory blocked(pd.diff_weights_desc(), eng), scratch(pd.scratchpad_desc(), eng);
+  memory blocked(pd.diff_weights_desc(), eng);
+  const size_t scratch_bytes = pd.scratchpad_desc().get_size(), canary_floats = 1 << 14;
+  const float canary = -7.0f;  // the guard region after the scratch memory
+  std::vector<float> scratch_buffer((scratch_bytes + 3) / sizeof(float) + canary_floats);
+  float* guard = scratch_buffer.data() + (scratch_bytes + 3) / sizeof(float);
+  memory scratch(pd.scratchpad_desc(), eng, scratch_buffer.data());
   convolution_backward_weights conv(pd);
   double err = 0, scale = 0;
   for (int round = 0; round < 20; round++) {  // the threads race: the worst of 20 runs
@@ -58,13 +67,17 @@ int main(int argc, char** argv) {
       auto* p = static_cast<float*>(m->get_data_handle());
       std::fill(p, p + m->get_desc().get_size() / sizeof(float), 1000.0f);
     }
+    std::fill(guard, guard + canary_floats, canary);
     conv.execute(st, {{DNNL_ARG_SRC, x_mem}, {DNNL_ARG_DIFF_DST, dy_mem}, {DNNL_ARG_DIFF_WEIGHTS, blocked},
                       {DNNL_ARG_SCRATCHPAD, scratch}});
     reorder(blocked, dw_mem).execute(st, blocked, dw_mem);
     st.wait();
     for (int i = 0; i < O * C; i++) err = fmax(err, fabs(dw[i] - ref[i])), scale = fmax(scale, fabs(ref[i]));
   }
-  printf("%s  N=%d Ci=%d Co=%d H=%d stride=%d: max|error| / max|gradient| = %.3g\n", pd.impl_info_str(), N, C, O,
-         H, S, err / scale);
-  return err / scale > 1e-5;
+  size_t past = 0;  // bytes from the end of the scratch memory to the last one written
+  for (size_t i = 0; i < canary_floats; i++)
+    if (guard[i] != canary) past = (guard - scratch_buffer.data() + i + 1) * sizeof(float) - scratch_bytes;
+  printf("%s  N=%d Ci=%d Co=%d H=%d stride=%d: max|error| / max|gradient| = %.3g, written past the scratch memory: "
+         "%zu bytes\n", pd.impl_info_str(), N, C, O, H, S, err / scale, past);
+  return err / scale > 1e-5 || past > 0;
 }
