@@ -16,10 +16,9 @@ def test_finetune_resnet18_from_a_torchvision_file(tmp_path):
     path = str(tmp_path / "resnet18-random.pth")
     torch.save(pretrained.state_dict(), path)
     workdir = str(tmp_path / "run")
-    # `jaxcell train` as a user runs it, in its own process at XLA's default compile level: the
-    # suite's level 0 (conftest.py) runs ResNet18's random initialisation, 11M threefry draws, in
-    # 16 s instead of 1 s. The smallest run with both phases: 2 steps with the backbone held, then 2
-    # with all of it (any size fits a ResNet, and this test is about the file, not the pixels).
+    # `jaxcell train` as a user runs it, in its own process. The smallest run with both phases: 2
+    # steps with the backbone held, then 2 with all of it (any size fits a ResNet, and this test is
+    # about the file, not the pixels).
     out = finish(launch(["train", "--model", "resnet18", "--image-size", "16", "--synthetic-examples", "24",
                          "--epochs", "2", "--batch-size", "8", "--seed", "0", "--init-from", path,
                          "--head-epochs", "1", "--no-augment", "--no-ood", "--no-progress", "--workdir", workdir],

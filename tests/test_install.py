@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tomllib
 
-from test_multihost import ARGS
+from test_multihost import ARGS, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +31,7 @@ def test_training_runs_without_torch(tmp_path):
     # test_multihost's one-device reference run: whichever of the two runs second reads the other's
     # compiled training programs from the compilation cache
     argv = [*ARGS, "--input-pipeline", "host", "--workdir", workdir]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1),
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *argv], env=env, capture_output=True, text=True,
                           timeout=500)

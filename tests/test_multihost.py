@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from jaxcell.train import local, restore_for_inference
 
 pytestmark = pytest.mark.integration
@@ -22,7 +23,7 @@ ARGS = ["train", "--model", "lightnetcell", "--model-arg", "widths=(8,16,16)", "
 
 
 def launch(argv, devices):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen([sys.executable, "-m", "jaxcell.cli", *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 

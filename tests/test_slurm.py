@@ -12,7 +12,7 @@ import pytest
 from jaxcell import distributed
 from jaxcell.errors import UserError
 from jaxcell.train import read_history
-from test_multihost import ARGS, free_port, launch
+from test_multihost import ARGS, free_port, launch, xla_flags
 
 
 def slurm(procid: int, ntasks: int = 2, tasks_per_node: str = "2", nodeid: int = 0, localid: int | None = None,
@@ -93,7 +93,7 @@ def run_job(monkeypatch, devices, argv, timeout=240):
         for key, value in slurm(i).items():
             monkeypatch.setenv(key, value)
         if argv is None:
-            env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices[i]}",
+            env = {**os.environ, "XLA_FLAGS": xla_flags(devices[i]),
                    "JAX_PLATFORMS": "cpu"}
             workers.append(subprocess.Popen([sys.executable, "-c", PROBE], env=env, stdout=subprocess.PIPE,
                                             stderr=subprocess.STDOUT, text=True))
