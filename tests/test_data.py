@@ -30,7 +30,11 @@ def _rgb(seed=0, size=12):
 def _tree(root, classes, n=2, ext=".png"):
     for c in classes:
         for i in range(n):
-            _png(root / c / f"{i}{ext}", _rgb(hash((c, i)) % 1000))
+            # a seed per class and index, the same in every process (hash() of a str is salted per
+            # process, and modulo 1000 it gave two classes one image about once in 30 runs: a
+            # duplicate across classes, which the loader rightly refuses)
+            seed = int.from_bytes(hashlib.sha256(f"{c}/{i}".encode()).digest()[:8], "little")
+            _png(root / c / f"{i}{ext}", _rgb(seed))
     return root
 
 
