@@ -399,7 +399,10 @@ def torch_to_flax(name: str, state_dict: Mapping[str, Any], **model_kwargs) -> d
         outs = e.to_flax([_numpy_from_torch(state_dict[k]) for k in e.torch_keys])
         for path, y in zip(e.flax_paths, outs):
             want = plan.flax_shapes[path]
-            flat[path] = jnp.asarray(np.asarray(y).astype(want.dtype, copy=False))
+            # Our own copy, as JAX may share an aligned array's memory (y may view a torch tensor
+            # that goes on training); device_put, as JAX 0.10's jnp.asarray of an ndarray compiles
+            # an identity program per shape (69 for DenseNet121).
+            flat[path] = jax.device_put(np.array(y, dtype=want.dtype, copy=True))
     return _unflatten(flat)
 
 
