@@ -4,8 +4,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcell.data.augment import (augment, color_jitter, crop_boxes, dihedral, hed_jitter, hue_jitter,
-                                  resized_crop)
+from jaxcell.data import augment as device_augment
+from jaxcell.data.augment import crop_boxes
+
+# Each as one compiled program, as inside the train step (op by op, a test compiled dozens), its
+# strength a constant of the program as there.
+dihedral = jax.jit(device_augment.dihedral)
+hed_jitter, color_jitter, resized_crop, hue_jitter = (
+    jax.jit(f, static_argnums=2) for f in (device_augment.hed_jitter, device_augment.color_jitter,
+                                           device_augment.resized_crop, device_augment.hue_jitter))
+augment = jax.jit(device_augment.augment, static_argnames=("stain", "color", "crop", "hue"))
 
 
 def images(n=4, size=12, seed=0):
