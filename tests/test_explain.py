@@ -74,18 +74,23 @@ def test_gradcam_weights_are_the_gradient_of_the_class_score():
     x = jnp.asarray(np.random.default_rng(2).standard_normal((2, size, size, 3)), jnp.float32)
     with jax.default_matmul_precision("highest"):
         cam = explain.gradcam(model, variables, x, class_index=1)
-        _, inter = model.apply(variables, x, train=False, capture_intermediates=True)
-        act = inter["intermediates"]["block3"]["__call__"][0]
 
-        def head(a):
-            from jaxcell.models.layers import flatten_like_torch
+        @jax.jit  # one program, not op by op
+        def expected(variables, x):
+            _, inter = model.apply(variables, x, train=False, capture_intermediates=True)
+            act = inter["intermediates"]["block3"]["__call__"][0]
 
-            h = jax.nn.relu(flatten_like_torch(a) @ variables["params"]["fc1"]["kernel"]
-                            + variables["params"]["fc1"]["bias"])
-            return (h @ variables["params"]["fc2"]["kernel"] + variables["params"]["fc2"]["bias"])[:, 1].sum()
+            def head(a):
+                from jaxcell.models.layers import flatten_like_torch
 
-        grads = jax.grad(head)(act)
-    expected = jax.nn.relu(jnp.einsum("nhwc,nc->nhw", act, grads.mean((1, 2))))
+                h = jax.nn.relu(flatten_like_torch(a) @ variables["params"]["fc1"]["kernel"]
+                                + variables["params"]["fc1"]["bias"])
+                return (h @ variables["params"]["fc2"]["kernel"] + variables["params"]["fc2"]["bias"])[:, 1].sum()
+
+            grads = jax.grad(head)(act)
+            return jax.nn.relu(jnp.einsum("nhwc,nc->nhw", act, grads.mean((1, 2))))
+
+        expected = expected(variables, x)
     assert rel(cam.raw, np.asarray(expected)) < TOL
 
 
@@ -269,8 +274,8 @@ def test_integrated_gradients_are_complete():
     _, model, variables, size = twins("lightnetcell")
     x = jnp.asarray(4 * _input(size, n=3))  # the randomized model barely moves on N(0, 1) inputs (deltas ~0.005)
     with jax.default_matmul_precision("highest"):
-        logits = model.apply(variables, x, train=False)
-        base_logits = model.apply(variables, jnp.zeros_like(x), train=False)
+        forward = jax.jit(lambda v, images: model.apply(v, images, train=False))
+        logits, base_logits = forward(variables, x), forward(variables, jnp.zeros_like(x))
         for method, steps in COMPLETE_STEPS.items():
             attr, target = explain.integrated_gradients(model, variables, x, steps=steps, method=method, chunk=256)
             rows = np.arange(3)
