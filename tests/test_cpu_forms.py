@@ -28,6 +28,11 @@ def onednn_if(request):
     return check
 
 
+def _value_and_vjp(f, x, cotangent):
+    y, vjp = jax.vjp(f, x)
+    return y, vjp(cotangent)[0]
+
+
 @pytest.mark.parametrize("size,window,stride,padding,ceil", [
     (8, 2, 2, 0, False), (9, 2, 2, 0, False), (9, 3, 2, 1, False), (8, 3, 1, 1, False),
     (9, 2, 2, 0, True), (8, 3, 2, 1, True), (10, 3, 2, 1, True), (7, 3, 3, 1, True), (5, 2, 2, 1, True)])
@@ -38,12 +43,13 @@ def test_max_pool_gradient_is_torchs_first_maximum(size, window, stride, padding
     x = rng.standard_normal((2, size, size, 3)).astype(np.float32)
     x[0, :3, :3, 0] = 1.5  # ties: the first maximum of each window takes the gradient
     x[1] = np.maximum(x[1], 0)  # zeros tie after a ReLU
+    pool = lambda a: layers.max_pool(a, window, stride, padding, ceil)  # noqa: E731
+    g = rng.standard_normal(jax.eval_shape(pool, x).shape).astype(np.float32)
     outs = {}
     for on in (False, True):
-        with kernels.use(Kernels.CPU_FORMS if on else Kernels.XLA):
-            y, vjp = jax.vjp(lambda a: layers.max_pool(a, window, stride, padding, ceil), jnp.asarray(x))
-        g = rng.standard_normal(y.shape).astype(np.float32) if not outs else outs[False][2]
-        outs[on] = (np.asarray(y), np.asarray(vjp(jnp.asarray(g))[0]), g)
+        with kernels.use(Kernels.CPU_FORMS if on else Kernels.XLA):  # read as the program is traced
+            y, dx = jax.jit(lambda a, g: _value_and_vjp(pool, a, g))(x, g)
+        outs[on] = (np.asarray(y), np.asarray(dx), g)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
     y_torch = torch.nn.functional.max_pool2d(xt, window, stride, padding, ceil_mode=ceil)
     y_torch.backward(torch.from_numpy(outs[False][2]).permute(0, 3, 1, 2))
@@ -113,11 +119,16 @@ def test_batch_norm_gradient_is_autodiffs(shape):
     scale, bias = (jnp.asarray(rng.standard_normal(shape[-1]).astype(np.float32)) for _ in range(2))
     outs = {}
     ours = lambda *a: cpu_forms.batch_norm_train(layers.batch_norm_train, *a)  # noqa: E731
+    shapes = jax.eval_shape(lambda *a: layers.batch_norm_train(*a, 1e-5), x, scale, bias)
+    cotangents = tuple(jnp.asarray(rng.standard_normal(v.shape).astype(np.float32)) for v in shapes)
+
+    @functools.partial(jax.jit, static_argnames="f")  # one program each, not op by op
+    def values_and_gradients(x, scale, bias, cotangents, f):
+        values, vjp = jax.vjp(lambda *a: f(*a, 1e-5), x, scale, bias)
+        return (*values, *vjp(cotangents))
+
     for f in (layers.batch_norm_train, ours):
-        values, vjp = jax.vjp(lambda *a: f(*a, 1e-5), x, scale, bias)  # noqa: B023
-        if not outs:
-            cotangents = tuple(jnp.asarray(rng.standard_normal(v.shape).astype(np.float32)) for v in values)
-        outs[f] = (*values, *vjp(cotangents))
+        outs[f] = values_and_gradients(x, scale, bias, cotangents, f=f)
     for mine, ref in zip(outs[ours], outs[layers.batch_norm_train]):
         assert float(jnp.abs(mine - ref).max()) <= 1e-6 * float(jnp.abs(ref).max())
 
