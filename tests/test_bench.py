@@ -10,12 +10,13 @@ import jax
 import pytest
 import torch
 
+import tiny
 from jaxcell import bench, host, kernels
 from jaxcell.cli import main
 from jaxcell.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {"widths": (8, 16, 16), "hidden": 16}
+TINY = tiny.LIGHTNETCELL
 SCRIPT_ENV = {**os.environ, "PYTHON": sys.executable}  # bench/gpu.sh with this interpreter (jax and torch)
 
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import tiny
 from jaxcell.cli import main
 
-TINY = ["--model-arg", "widths=(8,16,16)", "--model-arg", "hidden=16"]
+TINY = tiny.model_args("lightnetcell")
 
 
 @pytest.fixture(scope="module")

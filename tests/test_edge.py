@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import tiny
 import torch_ref
 from jaxcell.export import default_metadata, import_torch
 from parity.compare import randomize_torch_model
@@ -21,10 +22,10 @@ ort = pytest.importorskip("onnxruntime")
 
 # Small configurations of every registered model (image size, constructor arguments).
 CASES = {
-    "lightnetcell": (32, dict(widths=(8, 16, 16), hidden=16)),
+    "lightnetcell": (32, tiny.LIGHTNETCELL),
     "resnet18": (32, {}),
-    "hybrid_vit": (32, dict(widths=(8, 8, 8), dim=16, depth=1, heads=2)),
-    "brin": (32, dict(width=8, depth=(1, 1), groups=2)),  # every part, a strided block, grouped convs
+    "hybrid_vit": (32, tiny.HYBRID_VIT),
+    "brin": (32, tiny.BRIN),
     "densenet121": (32, {}),
 }
 OD_CENTER = {"hybrid_vit"}  # the all4class-cpu recipe's preprocessing, inside the graph too

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import tiny
 import torch_ref
 from jaxcell import data
 from jaxcell.checkpoint import Checkpoints
@@ -25,7 +26,7 @@ from jaxcell.export import export_workdir, import_torch
 from jaxcell.train import TrainConfig, read_config, restore_for_inference, train
 from torch_ref.io import WeightsError, read_state_dict, sidecar_path
 
-TINY = {"widths": (8, 16, 16), "hidden": 16}
+TINY = tiny.LIGHTNETCELL
 SIZE = 32
 
 

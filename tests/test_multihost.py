@@ -12,12 +12,13 @@ import jax
 import numpy as np
 import pytest
 
+import tiny
 from conftest import xla_flags
 from jaxcell.train import local, restore_for_inference
 
 pytestmark = pytest.mark.integration
 
-ARGS = ["train", "--model", "lightnetcell", "--model-arg", "widths=(8,16,16)", "--model-arg", "hidden=16",
+ARGS = ["train", "--model", "lightnetcell", *tiny.model_args("lightnetcell"),
         "--image-size", "16", "--epochs", "2", "--batch-size", "8", "--synthetic-examples", "96",
         "--seed", "4", "--no-progress"]
 

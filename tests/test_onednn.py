@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+import tiny
 from jaxcell import cpu_forms, host, kernels, models, onednn, onednn_battery, train
 from jaxcell.kernels import Kernels
 
@@ -118,8 +119,7 @@ def test_brin_trains_through_onednn_as_through_xla():
     that ran once but failed on its second call (oneDNN's own scratchpad; now each has its own)
     failed here at the second step. Two stages keep a strided block (strided grouped 3x3 and 1x1
     shortcut) at the narrowest width that still has groups: half the compile time of the preset."""
-    tiny = dict(width=8, depth=(1, 1), groups=2)
-    ours, xla = _losses("brin", (Kernels.ONEDNN, Kernels.CPU_FORMS), **tiny)
+    ours, xla = _losses("brin", (Kernels.ONEDNN, Kernels.CPU_FORMS), **tiny.BRIN)
     assert ours == pytest.approx(xla, rel=1e-5)
 
 

@@ -10,19 +10,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import tiny
 from jaxcell import models, ood
 from jaxcell.cli import main
 
-TINY = ["--model-arg", "widths=(8,16,16)", "--model-arg", "hidden=16"]
+TINY = tiny.model_args("lightnetcell")
 
 # Small configurations of every registered model (image size, constructor arguments).
 CASES = {
-    "lightnetcell": (32, dict(widths=(8, 16, 16), hidden=16)),
+    "lightnetcell": (32, tiny.LIGHTNETCELL),
     "resnet18": (32, {}),
     "resnet34": (32, {}),
     "resnet50": (32, {}),
-    "hybrid_vit": (32, dict(widths=(8, 8, 8), dim=16, depth=1, heads=2)),
-    "brin": (32, dict(width=8, depth=(1, 1), groups=2)),  # every part, a strided block, grouped convs
+    "hybrid_vit": (32, tiny.HYBRID_VIT),
+    "brin": (32, tiny.BRIN),
     "densenet121": (32, {}),
 }
 SLOW = {"densenet121", "resnet50", "resnet34", "resnet18"}  # the same head as lightnetcell: a dense layer

@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny
 from jaxcell import data, kernels, pipeline
 from jaxcell.checkpoint import Checkpoints
 from jaxcell.errors import UserError
 from jaxcell.train import Placement, TrainConfig, train
 
-TINY = {"widths": (8, 16, 16), "hidden": 16}
+TINY = tiny.LIGHTNETCELL
 
 
 @pytest.fixture(scope="module")

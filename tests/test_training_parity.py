@@ -17,13 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
+import tiny
 import jaxcell.models
 import parity.training as training
 import torch_ref
 from jaxcell.cli import main as jaxcell_main
 from parity.training import FLOAT64_TOLERANCE, TRAIN_TOLERANCE, no_dropout, train_parity
 
-TINY = {"widths": (8, 16, 16), "hidden": 16}
+TINY = tiny.LIGHTNETCELL
 SMALL_VIT = {"depth": 1, "dim": 32, "heads": 2, "widths": (8, 8, 8)}
 SETUP = dict(image_size=32, batch=4, seed=0, lr=1e-3)
 
@@ -53,10 +54,9 @@ def _assert_float64_parity(name, steps, kw, batch=4, later_loss_rel=1e-12):
 
 # BRIN at its narrowest with every part, a strided block and grouped convolutions (22 s here against the
 # small preset's 33 s, most of it compiling the float64 train step); the slow sweep trains it at full width.
-TINY_BRIN = dict(width=8, depth=(1, 1), groups=2)
 
 
-@pytest.mark.parametrize("name, kw", [("lightnetcell", TINY), ("brin", TINY_BRIN), ("hybrid_vit", SMALL_VIT)])
+@pytest.mark.parametrize("name, kw", [("lightnetcell", TINY), ("brin", tiny.BRIN), ("hybrid_vit", SMALL_VIT)])
 def test_float64_training_parity_of_every_element_for_five_steps(name, kw):
     rows = _assert_float64_parity(name, 5, kw)
     if name == "brin":  # a BatchNorm net: its statistics were compared, not only its parameters
@@ -198,8 +198,7 @@ def test_float64_mode_leaves_jax_in_float32():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_the_command_prints_the_table_and_passes(capsys, dtype):
     code = jaxcell_main(["parity", "--model", "lightnetcell", "--image-size", "32", "--batch", "4",
-                         "--train-steps", "2", "--dtype", dtype,
-                         "--model-arg", "widths=(8,16,16)", "--model-arg", "hidden=16"])
+                         "--train-steps", "2", "--dtype", dtype, *tiny.model_args("lightnetcell")])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "training parity lightnetcell: 2 Adam steps" in out and f"seed 0, dropout 0, no augmentation, {dtype}" in out
@@ -277,8 +276,8 @@ def test_torch_trainer_writes_a_workdir_jaxcell_can_import_and_evaluate(tmp_path
     from torch_ref.train import main as torch_train
 
     workdir = str(tmp_path / "torch-run")
-    args = ["--model", "lightnetcell", "--model-arg", "widths=(8,16,16)", "--model-arg", "hidden=16",
-            "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--synthetic-examples", "64",
+    args = ["--model", "lightnetcell", *tiny.model_args("lightnetcell"), "--image-size", "32", "--epochs", "2",
+            "--batch-size", "8", "--synthetic-examples", "64",
             "--crop-scale", "0.5", "--hue-jitter", "0.05", "--split-seed", "3", "--workdir", workdir]
     assert torch_train(args) == 0
     record = json.load(open(os.path.join(workdir, "config.json")))
