@@ -300,9 +300,9 @@ def _weight_gradient(x, dy, w_shape, strides, padding, dilation):
         # past its thread's slice, into the next thread's copy (a wrong gradient: 0.3 relative for
         # 4 -> 8 channels, 8x8 maps, stride 2) or past the end of the scratch memory (heap
         # corruption with one thread). bench/onednn_strided_1x1.cc shows it without jaxcell. The
-        # AVX-512 kernel places its copy the same way (Ci < 16 there): on a Sapphire Rapids CPU its
-        # gradients came out right, but with 2 threads and batch 1 it wrote up to 1.8 KB past its
-        # scratch memory. oneDNN's main branch (March 2025) still has both.
+        # AVX-512 kernel places its copy the same way (Ci < 16 there): on an Intel Xeon with AVX-512
+        # its gradients came out right, but with 2 threads and batch 1 it wrote up to 1.8 KB past
+        # its scratch memory. oneDNN's main branch (March 2025) still has both.
         # The weight gradient of a 1x1 convolution only sees the pixels its stride lands on, so
         # for Ci < 16 it is computed, exactly, as the unit-stride one of those pixels: no copy
         # inside oneDNN, one slice here. Not for wider inputs, where oneDNN's copy fits and is
