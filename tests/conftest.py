@@ -52,8 +52,9 @@ if "JAXCELL_TEST_XLA_FLAGS" not in os.environ:
 
 
 def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for this process (4 devices) and for the child processes tests start."""
-    return f"--xla_force_host_platform_device_count={devices} {os.environ['JAXCELL_TEST_XLA_FLAGS']}".strip()
+    """XLA_FLAGS for this process (4 devices) and for the child processes tests start (the device
+    count last: of two counts, XLA takes the last)."""
+    return f"{os.environ['JAXCELL_TEST_XLA_FLAGS']} --xla_force_host_platform_device_count={devices}".strip()
 
 
 os.environ["XLA_FLAGS"] = xla_flags(4)
