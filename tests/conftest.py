@@ -30,13 +30,14 @@ def _compile_flags() -> str:
     default level most of a compilation is LLVM optimizing the generated code; at LLVM's level 0
     most of what is left is the MLIR pipeline of XLA's newer fusion emitters, which its classic
     emitters do without. Together the two flags compile a tiny BRIN training step in 0.24 of the
-    time and a tiny LightNetCell's in 0.15, and the suite's CPU time falls by about a fifth (README,
-    "Tests"). The code they produce is slower (a BRIN step 1.8x, a ResNet18 step at 16 px 3.6x),
-    which the tests' few steps do not feel. The checks do not change: float32 results move in their
-    last bits, inside every tolerance, and bit-identity tests compare programs compiled alike. The
-    flags travel to the child processes tests start, training jobs included (test_multihost's
-    launch): those check how processes work together, which no compile flag changes; `make run`
-    trains as users do. JAXCELL_TEST_XLA_OPT=default runs the suite at XLA's defaults."""
+    time of XLA's default level and a tiny LightNetCell's in 0.15, and the suite's CPU time falls by
+    about a third against level 0 alone (README, "Tests"). The code they produce is slower (a BRIN
+    step 1.8x, a ResNet18 step at 16 px 3.6x), which the tests' few steps do not feel. The checks do
+    not change: float32 results move in their last bits, inside every tolerance, and bit-identity
+    tests compare programs compiled alike. The flags travel to the child processes tests start,
+    training jobs included (test_multihost's launch): those check how processes work together,
+    which no compile flag changes; `make run` trains as users do. JAXCELL_TEST_XLA_OPT=default runs
+    the suite at XLA's defaults."""
     flags = [os.environ.get("XLA_FLAGS", "")]  # any given from outside
     if os.environ.get("JAXCELL_TEST_XLA_OPT", "fast") == "default":
         return flags[0]

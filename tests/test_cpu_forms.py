@@ -28,9 +28,13 @@ def onednn_if(request):
     return check
 
 
-def _value_and_vjp(f, x, cotangent):
-    y, vjp = jax.vjp(f, x)
-    return y, vjp(cotangent)[0]
+@functools.partial(jax.jit, static_argnums=0)
+def _values_and_vjp(f, cotangent, *args):
+    """f(*args) and the gradients of `cotangent` . f for every argument, as one compiled program (as
+    in a training step; op by op, a check compiled dozens). f is part of the cache key: a function
+    that reads a kernel choice must be made per choice."""
+    values, vjp = jax.vjp(f, *args)
+    return values, vjp(cotangent)
 
 
 @pytest.mark.parametrize("size,window,stride,padding,ceil", [
@@ -43,12 +47,17 @@ def test_max_pool_gradient_is_torchs_first_maximum(size, window, stride, padding
     x = rng.standard_normal((2, size, size, 3)).astype(np.float32)
     x[0, :3, :3, 0] = 1.5  # ties: the first maximum of each window takes the gradient
     x[1] = np.maximum(x[1], 0)  # zeros tie after a ReLU
-    pool = lambda a: layers.max_pool(a, window, stride, padding, ceil)  # noqa: E731
-    g = rng.standard_normal(jax.eval_shape(pool, x).shape).astype(np.float32)
+
+    def pool_with(choice):
+        def pool(a):
+            with kernels.use(choice):  # read as the program is traced
+                return layers.max_pool(a, window, stride, padding, ceil)
+        return pool
+
+    g = rng.standard_normal(jax.eval_shape(pool_with(Kernels.XLA), x).shape).astype(np.float32)
     outs = {}
     for on in (False, True):
-        with kernels.use(Kernels.CPU_FORMS if on else Kernels.XLA):  # read as the program is traced
-            y, dx = jax.jit(lambda a, g: _value_and_vjp(pool, a, g))(x, g)
+        y, (dx,) = _values_and_vjp(pool_with(Kernels.CPU_FORMS if on else Kernels.XLA), g, x)
         outs[on] = (np.asarray(y), np.asarray(dx), g)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
     y_torch = torch.nn.functional.max_pool2d(xt, window, stride, padding, ceil_mode=ceil)
@@ -82,13 +91,9 @@ def test_cpu_convolutions_match_lax(onednn_if, size, k, stride, pad, dil, cin, c
         x, w, dimension_numbers=lax.conv_dimension_numbers(x.shape, w.shape, dn), use_onednn=with_onednn, **args)
     jaxpr = str(jax.make_jaxpr(ours)(x, w))
     assert (onednn.TARGET in jaxpr) if with_onednn else ("custom_vjp" in jaxpr or "dot_general" in jaxpr)
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def outputs(conv, x, w, g):  # forward and both gradients in one program, as in a training step
-        y, vjp = jax.vjp(conv, x, w)
-        return y, *vjp(g)
     g = rng.standard_normal(jax.eval_shape(ref, x, w).shape).astype(np.float32)
-    for a, b in zip(outputs(ours, x, w, g), outputs(ref, x, w, g)):
+    (y1, grads1), (y0, grads0) = _values_and_vjp(ours, g, x, w), _values_and_vjp(ref, g, x, w)
+    for a, b in zip((y1, *grads1), (y0, *grads0)):
         a, b = np.asarray(a), np.asarray(b)
         assert np.abs(a - b).max() <= 2e-6 * np.abs(b).max()  # float32 rounding of sums in another order
 
@@ -121,14 +126,9 @@ def test_batch_norm_gradient_is_autodiffs(shape):
     ours = lambda *a: cpu_forms.batch_norm_train(layers.batch_norm_train, *a)  # noqa: E731
     shapes = jax.eval_shape(lambda *a: layers.batch_norm_train(*a, 1e-5), x, scale, bias)
     cotangents = tuple(jnp.asarray(rng.standard_normal(v.shape).astype(np.float32)) for v in shapes)
-
-    @functools.partial(jax.jit, static_argnames="f")  # one program each, not op by op
-    def values_and_gradients(x, scale, bias, cotangents, f):
-        values, vjp = jax.vjp(lambda *a: f(*a, 1e-5), x, scale, bias)
-        return (*values, *vjp(cotangents))
-
     for f in (layers.batch_norm_train, ours):
-        outs[f] = values_and_gradients(x, scale, bias, cotangents, f=f)
+        values, grads = _values_and_vjp(lambda *a, f=f: f(*a, 1e-5), cotangents, x, scale, bias)
+        outs[f] = (*values, *grads)
     for mine, ref in zip(outs[ours], outs[layers.batch_norm_train]):
         assert float(jnp.abs(mine - ref).max()) <= 1e-6 * float(jnp.abs(ref).max())
 

@@ -7,7 +7,8 @@ import subprocess
 import sys
 import tomllib
 
-from test_multihost import ARGS, xla_flags
+from conftest import xla_flags
+from test_multihost import ARGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,8 @@ import pytest
 from jaxcell import distributed
 from jaxcell.errors import UserError
 from jaxcell.train import read_history
-from test_multihost import ARGS, free_port, launch, xla_flags
+from conftest import xla_flags
+from test_multihost import ARGS, free_port, launch
 
 
 def slurm(procid: int, ntasks: int = 2, tasks_per_node: str = "2", nodeid: int = 0, localid: int | None = None,

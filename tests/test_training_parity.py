@@ -54,8 +54,6 @@ def _assert_float64_parity(name, steps, kw, batch=4, later_loss_rel=1e-12):
 
 # BRIN at its narrowest with every part, a strided block and grouped convolutions (22 s here against the
 # small preset's 33 s, most of it compiling the float64 train step); the slow sweep trains it at full width.
-
-
 @pytest.mark.parametrize("name, kw", [("lightnetcell", TINY), ("brin", tiny.BRIN), ("hybrid_vit", SMALL_VIT)])
 def test_float64_training_parity_of_every_element_for_five_steps(name, kw):
     rows = _assert_float64_parity(name, 5, kw)
